@@ -226,8 +226,9 @@ def steer(h, v, coeff, sae=None):
         return h
     if sae is None:                                              # BiPO: h' = h + d*lam*v
         return h + (coeff * v).to(h.dtype)
-    z = sae.encode(h).float()                                    # [B, T, d_sae], z >= 0
+    z = sae.encode(h)                                            # [B, T, d_sae], z >= 0
     z_steered = torch.relu(z + coeff * v)                        # <- YaPO: shift the latents, stay non-negative
+                                                                 #    (float32 at least: v's dtype wins over bf16)
     delta = (z_steered - z).to(sae.W_dec.dtype) @ sae.W_dec      # <- Eq. 3 with the residual correction folded in
     return h + delta.to(h.dtype)                                 # [B, T, d_model]
 
@@ -476,12 +477,16 @@ def print_table(rows):
         print(f"{r['multiplier']:>10.2f} {r['behavior_score']:>9.3f} {r['accuracy']:>9.3f} {r['drift_kl']:>9.4f}")
 
 
+def neuronpedia_url(sae, latent):
+    """Where to read what a latent means, if the SAE's metadata names its Neuronpedia page."""
+    np_id = sae.cfg.metadata.neuronpedia_id
+    return f"https://www.neuronpedia.org/{np_id}/{latent}" if np_id else None
+
+
 def top_latents(v, sae, n):
     """The n most positive and n most negative latents of a sparse v, with Neuronpedia links if the SAE
     has a Neuronpedia id. Also the vector's L0 (latents it touches at all) and L2 norm."""
-    np_id = sae.cfg.metadata.neuronpedia_id
-    link = lambda i: f"https://www.neuronpedia.org/{np_id}/{i}" if np_id else None
-    pick = lambda vals: [{"latent": int(i), "value": float(v[i]), "url": link(int(i))}
+    pick = lambda vals: [{"latent": int(i), "value": float(v[i]), "url": neuronpedia_url(sae, int(i))}
                          for i in vals if v[i] != 0]
     k = min(n, v.numel())
     return {"l0": int((v != 0).sum()), "norm": float(v.norm()),
@@ -503,6 +508,10 @@ def pick_device_dtype(device):
     return torch.device(device), (torch.bfloat16 if bf16 else torch.float32)
 
 
+def looks_local(name):
+    return Path(name).exists() or name.startswith(("/", ".", "~"))
+
+
 def load_model(name, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
@@ -510,11 +519,12 @@ def load_model(name, device, dtype):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
     except Exception as e:
         cause = str(e).strip().split("\n")[0][:300]
-        raise ValueError(
-            f"could not load model {name!r}: {type(e).__name__}: {cause}\n"
-            f"Likely causes: no network; a typo in the id or folder; or a gated model (Gemma is): accept its "
-            f"license on huggingface.co/{name} and log in (`hf auth login` or HF_TOKEN).\n"
-            f"To see the whole pipeline offline instead, run with --tiny.") from None
+        likely = (f"the folder {name} does not exist or lacks config.json and tokenizer files "
+                  f"(write them with model.save_pretrained and tokenizer.save_pretrained)" if looks_local(name) else
+                  f"no network; a typo in the id; or a gated model (Gemma is): accept its license on "
+                  f"https://huggingface.co/{name} and log in (`hf auth login`, or set HF_TOKEN)")
+        raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {cause}\nLikely cause: {likely}.\n"
+                         f"To see the whole pipeline offline instead, run with --tiny.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
