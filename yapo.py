@@ -326,6 +326,14 @@ def yapo_loss(logp_w, logp_l, ref_w, ref_l, d, beta):
     return loss, margin.detach()
 
 
+def preference_loss(model, sae, v, batch, ref_w, ref_l, d, args):
+    """Eq. 4 for one batch: chosen and rejected in one forward, steered with d*lam*v."""
+    with steering(model, args.layer, v, d * args.lam, sae):
+        logp, _ = sequence_logprobs(model, batch)                 # [2B]: chosen rows, then rejected rows
+    B = len(ref_w)
+    return yapo_loss(logp[:B], logp[B:], ref_w, ref_l, d, args.beta)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training loop (Algorithm 1): only v trains; the LLM and the SAE stay frozen.
 
@@ -365,10 +373,7 @@ def train(model, tok, sae, pairs, args, save_to=None):
             idx = order[start:start + args.batch_size]
             d = 1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0     # <- d ~ U{-1, +1}, once per batch
             batch = collate([tokenized[i] for i in idx], tok.pad_token_id, device)
-            with steering(model, args.layer, v, d * args.lam, sae):
-                logp, _ = sequence_logprobs(model, batch)
-            B = len(idx)
-            loss, margin = yapo_loss(logp[:B], logp[B:], ref_w[idx], ref_l[idx], d, args.beta)
+            loss, margin = preference_loss(model, sae, v, batch, ref_w[idx], ref_l[idx], d, args)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at epoch {epoch}, step {len(history)}: training stopped. "
