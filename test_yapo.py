@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -668,3 +669,76 @@ def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path)
     result = run_cli("--tiny", "--data", str(path), "--out-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert result.returncode != 0 and f"{path}:2: missing or empty field 'chosen'" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the notebook
+
+NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
+
+
+def notebook_text(nb):
+    """All stdout and HTML the executed notebook produced, as one string."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and out.name == "stdout":
+                parts.append(out.text)
+            elif out.output_type in ("display_data", "execute_result"):
+                parts.append(out.get("data", {}).get("text/html", ""))
+    return "\n".join(parts)
+
+
+def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    raw = (ROOT / "tutorial.ipynb").read_text(encoding="utf-8")
+    nb = nbformat.reads(raw, as_version=4)
+    nbformat.validate(nb)
+
+    # committed clean: no outputs, no execution counts, no machine-specific paths
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert code_cells and all(not c.outputs and c.execution_count is None for c in code_cells)
+    assert str(ROOT) not in raw
+    assert not re.search(r"(?<![\w.])/(?:home|Users|work|tmp|root|mnt)/|[A-Za-z]:\\\\", raw)
+
+    env = dict(os.environ, YAPO_TINY="1", HF_HUB_OFFLINE="1")
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT)}})
+    try:
+        client.execute(env=env)        # raises CellExecutionError at the first failing cell
+    finally:
+        nbformat.write(nb, tmp_path / "tutorial.executed.ipynb")   # for a look after a failure
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    text = notebook_text(nb)
+
+    assert "YAPO_TINY=1 -> random model" in text
+    # Eq. 3: the one-decode form equals Eq. 3 as written, v = 0 is exact, the hook matches yapo.steer
+    diff, scale = map(float, re.search(rf"one-decode vs two-decode form: max \|diff\| = {NUMBER}  "
+                                       rf"\(max \|h\| = {NUMBER}\)", text).groups())
+    assert diff <= 1e-4 * scale
+    assert "torch.equal(yapo.steer(h, 0, d*lam, sae), h) = True" in text
+    assert float(re.search(rf"hook inside the model vs yapo.steer: max \|diff\| = {NUMBER}", text)[1]) <= 1e-6
+    # Eq. 4: by hand == yapo_loss == preference_loss for both directions, and the random v changed the loss
+    losses = re.findall(rf"d = ([+-]1): by hand {NUMBER} \| yapo_loss {NUMBER} \| preference_loss {NUMBER}", text)
+    assert sorted(d for d, *_ in losses) == ["+1", "-1"]
+    for _, by_hand, lib, full in losses:
+        assert float(lib) == pytest.approx(float(by_hand), abs=1e-5)
+        assert float(full) == pytest.approx(float(by_hand), abs=1e-5)
+        assert abs(float(by_hand) - math.log(2)) > 1e-4
+    # training lowered the loss; the evaluated behaviour score rises with the multiplier
+    first, last = map(float, re.search(rf"mean loss in the first epoch {NUMBER}, in the last {NUMBER}", text).groups())
+    assert last < first
+    table = next(o.text for c in nb.cells for o in c.get("outputs", [])
+                 if o.output_type == "stream" and "multiplier  behavior  accuracy  drift KL" in o.text)
+    rows = [list(map(float, r)) for r in re.findall(rf"^\s*{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", table, re.M)]
+    assert len(rows) >= 3 and rows[-1][1] > rows[0][1]
+    assert next(r for r in rows if r[0] == 0.0)[3] == 0.0         # no drift without steering
+    # sparsity: v uses only latents that fire on the training data
+    assert re.search(r"latents with v_i != 0: \d+; of those, never active: 0\b", text)
+    # pruning: three rows of scores in [0, 1], the same unsteered score for every K
+    pruned = re.findall(rf"^\s*(8|32|all \(\d+\))\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", text, re.M)
+    assert [p[0] for p in pruned][:2] == ["8", "32"] and len(pruned) == 3
+    assert all(0 <= float(x) <= 1 for p in pruned for x in p[1:4]) and len({p[2] for p in pruned}) == 1
+    # every plot was drawn
+    pngs = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert pngs >= 5

@@ -683,6 +683,8 @@ def setup(args, pairs):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.tiny:
+        torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy CPU
     train_pairs, test_pairs = load_pairs(args.data, args.behavior, args.test_fraction, args.seed)
     if args.eval_only and not args.vector:
         raise ValueError("--eval-only needs --vector PATH")
