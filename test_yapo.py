@@ -2,7 +2,6 @@
 JumpReLU SAE stand in for Gemma-2-2B and Gemma Scope. Run: python -m pytest -q test_yapo.py"""
 
 import copy
-import functools
 import json
 import math
 import os
@@ -307,22 +306,19 @@ def test_sequence_logprobs_match_a_full_log_softmax_computed_row_by_row(tiny):
             torch.testing.assert_close(next_logp[i], logp[len(prompt) - 1], atol=1e-4, rtol=1e-5)
 
 
-def test_lm_head_runs_only_on_positions_that_predict_response_tokens(tiny, monkeypatch):
+def test_lm_head_runs_only_on_positions_that_predict_response_tokens(tiny):
     model, _, _ = tiny
-    seen = {}
-    forward = model.forward
-
-    @functools.wraps(forward)  # keeps forward's signature, which sequence_logprobs inspects
-    def spy(*a, **kw):
-        out = forward(*a, **kw)
-        seen["logits"] = out.logits.shape
-        return out
-
-    monkeypatch.setattr(model, "forward", spy)
+    rows = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape))
     batch = yapo.collate([([1] * 20, [5, 6, 7], [8])], pad_id=0, device="cpu")
-    with torch.no_grad():
-        yapo.sequence_logprobs(model, batch)
-    assert seen["logits"][1] == 23 - 20 + 1  # the last prompt position onwards, not all 23
+    try:
+        with torch.no_grad():
+            yapo.sequence_logprobs(model, batch)
+    finally:
+        handle.remove()
+    assert rows[0] == (3 + 1, 64)  # the chosen's 3 and the rejected's 1 response tokens, not all 23 positions
+    assert rows[1] == (2, 64)      # then the last prompt position of each row, for the next-token distribution
 
 
 # ---------------------------------------------------------------------------------------------- the loss (Eq. 4)
@@ -422,13 +418,13 @@ def test_directions_are_drawn_once_per_batch_from_both_signs(trained):
 def test_reference_logprobs_cost_one_pass_before_training_not_one_per_step(tiny, pairs, args, monkeypatch):
     model, tok, sae = tiny
     calls = {"n": 0}
-    forward = model.forward
+    forward = model.model.forward
 
     def counting(*a, **kw):
         calls["n"] += 1
         return forward(*a, **kw)
 
-    monkeypatch.setattr(model, "forward", counting)
+    monkeypatch.setattr(model.model, "forward", counting)
     train = pairs[0][:8]
     yapo.train(model, tok, sae, train, replace(args, epochs=3, batch_size=4))
     assert calls["n"] == 2 + 3 * 2  # 2 reference batches, then one forward per step
@@ -578,6 +574,21 @@ def test_sae_for_another_width_is_refused_naming_both_sizes(tiny):
     wide = yapo.random_sae(128, 32, LAYER, seed=0)
     with pytest.raises(ValueError, match="SAE d_in is 128 but the model's hidden size is 64"):
         yapo.check_pair(model, wide, LAYER)
+
+
+def test_a_model_whose_head_does_more_than_softcapping_is_refused(tiny, monkeypatch):
+    model, _, _ = tiny
+    forward = model.forward
+
+    def scaled_logits(*a, **kw):  # like a model with a logit scale after its LM head
+        out = forward(*a, **kw)
+        out.logits = out.logits * 0.0625
+        return out
+
+    yapo.check_pair(model, None, LAYER)
+    monkeypatch.setattr(model, "forward", scaled_logits)
+    with pytest.raises(ValueError, match="transforms its logits"):
+        yapo.check_pair(model, None, LAYER)
 
 
 def test_layer_outside_the_model_is_refused(tiny):

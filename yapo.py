@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import math
 import os
@@ -277,26 +276,29 @@ def prune(v, sae, k):
 # ----------------------------------------------------------------------------------------------------
 # Log-probs: log p(y|x) = sum over response tokens of log p(y_t | x, y_<t).
 
-def logits_to_keep_kwarg(model, n):
-    """Ask the model for the last n positions' logits only, if the installed transformers can."""
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+def lm_head_logits(model, h):
+    """The LM head as the model's forward applies it, on hidden states h [n, d_model] -> [n, V].
+    Gemma-2 caps its logits with tanh(logits / c) * c (config.final_logit_softcapping)."""
+    logits = model.get_output_embeddings()(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def sequence_logprobs(model, batch):
     """Returns (log p(y|x) per row [N], log p(next token | x) at the end of each prompt [N, V]).
 
-    The LM head runs only from the first response position on: with Gemma's 256k vocabulary the
-    prompt's logits would cost more memory than the whole rest of the step."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    N, T = ids.shape
-    K = T - int(batch["prompt_lens"].min()) + 1                     # positions that predict a response token
-    logits = model(input_ids=ids, attention_mask=mask, **logits_to_keep_kwarg(model, K)).logits
-    logits = logits[:, -K:].float()                                 # [N, K, V]; position T-K+j predicts token T-K+j+1
-    targets = ids[:, T - K + 1:]                                    # [N, K-1]
-    token_logp = logits[:, :-1].gather(-1, targets[..., None])[..., 0] - logits[:, :-1].logsumexp(-1)
-    seq_logp = (token_logp * batch["response_mask"][:, T - K + 1:]).sum(-1)   # prompt and padding masked
-    last_prompt = batch["prompt_lens"] - (T - K) - 1                # index of the last prompt token in [0, K)
-    next_logp = logits[torch.arange(N), last_prompt].log_softmax(-1)           # [N, V]
+    The LM head runs only on the hidden states that predict a response token, gathered into one
+    [n_tokens, d_model] matrix: with Gemma's 256k vocabulary every other row of logits would cost more
+    time and memory than the whole rest of the step."""
+    ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    N = len(ids)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state      # [N, T, d_model]
+    predicts = response[:, 1:]                                      # position t predicts token t+1: [N, T-1]
+    logits = lm_head_logits(model, hidden[:, :-1][predicts]).float()                # [n_tokens, V]
+    token_logp = -F.cross_entropy(logits, ids[:, 1:][predicts], reduction="none")   # [n_tokens]
+    seq_logp = torch.zeros(N, device=ids.device).index_add(0, predicts.nonzero()[:, 0], token_logp)
+    last_prompt = hidden[torch.arange(N, device=ids.device), batch["prompt_lens"] - 1]   # [N, d_model]
+    next_logp = lm_head_logits(model, last_prompt).float().log_softmax(-1)                 # [N, V]
     return seq_logp, next_logp
 
 
@@ -553,6 +555,13 @@ def check_pair(model, sae, layer):
     d_model, n_layers = model.config.hidden_size, len(decoder_layers(model))
     if not 0 <= layer < n_layers:
         raise ValueError(f"--layer {layer}, but the model has layers 0..{n_layers - 1}")
+    ids = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
+    with torch.no_grad():                          # sequence_logprobs applies the LM head itself
+        full = model(input_ids=ids).logits[0, -1].float()
+        ours = lm_head_logits(model, model.model(input_ids=ids).last_hidden_state[0, -1]).float()
+    if not torch.allclose(full, ours, rtol=0.02, atol=0.02 * full.abs().max().item()):   # bf16-sized slack
+        raise ValueError(f"{type(model).__name__} transforms its logits in a way lm_head_logits does not repeat; "
+                         f"add that step to lm_head_logits")
     if sae is None:
         return
     if sae.cfg.d_in != d_model:
