@@ -753,3 +753,66 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     # every plot was drawn
     pngs = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert pngs >= 5
+
+# ---------------------------------------------------------------------------------------------- benchmarks/
+# Each benchmark script runs in --quick mode and must write a JSON with every field it documents
+# (the values are timings and scores of random models, so only their presence is checked).
+
+BENCHMARK_KEYS = {
+    "bench_train_step.py": {
+        "top": ["benchmark", "quick", "shapes", "machine", "measured", "variants", "ratios", "targets",
+                "b_c_loss_max_abs_difference", "reported_in_issue", "note"],
+        "variants": ["a_floor", "b_yapo", "c_naive"],
+        "per_variant": ["median_step_s", "median_cpu_s", "step_s", "peak_growth_mb", "peak_rss_mb",
+                        "baseline_rss_mb", "losses_first_round"],
+        "ratios": ["b_over_a", "c_over_b"],
+    },
+    "bench_generate.py": {
+        "top": ["benchmark", "quick", "shapes", "machine", "measured", "unsteered_ms_per_token", "variants",
+                "target", "note"],
+        "variants": ["unsteered", "dense", "sparse full", "sparse top-64"],
+        "per_variant": ["median_s", "tokens_per_s", "relative_to_unsteered", "seconds", "hook_us_per_token",
+                        "hook_share_of_token_time"],
+    },
+    "bench_pruning.py": {
+        "top": ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"],
+        "rows": ["k", "latents", "norm_share", "score_minus_1", "score_0", "score_plus_1", "effect",
+                 "share_of_effect", "drift_kl_plus_1"],
+        "ks": ["8", "32", "128", "all (512)"],
+    },
+    "bench_convergence.py": {
+        "top": ["benchmark", "quick", "shapes", "machine", "decoder_row_norm", "summary", "curves", "png", "note"],
+        "summary": ["size", "method", "steps_to_loss_below_0.5", "steps_to_loss_below_0.1", "steps_to_accuracy_1",
+                    "min_loss", "last_epoch_loss", "seconds_per_run"],
+        "spread": ["mean", "std", "reached", "per_seed"],
+    },
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARK_KEYS))
+def test_benchmark_quick_mode_writes_every_field(script, tmp_path):
+    out = tmp_path / "x.json"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    keys = BENCHMARK_KEYS[script]
+    assert set(keys["top"]) <= set(data) and data["quick"] is True
+    if "variants" in keys:
+        assert set(data["variants"]) == set(keys["variants"])
+        for v in data["variants"].values():
+            assert set(keys["per_variant"]) <= set(v)
+    if "ratios" in keys:
+        assert set(keys["ratios"]) <= set(data["ratios"])
+    if "rows" in keys:
+        assert [str(r["k"]) for r in data["rows"]] == keys["ks"]
+        assert all(set(keys["rows"]) <= set(r) for r in data["rows"])
+    if "summary" in keys:
+        assert {(s["size"], s["method"]) for s in data["summary"]} == {(size, m) for size in ("tiny", "small")
+                                                                       for m in ("YaPO", "BiPO")}
+        for s in data["summary"]:
+            assert set(keys["summary"]) <= set(s)
+            assert set(keys["spread"]) <= set(s["steps_to_loss_below_0.1"]) and len(s["min_loss"]["per_seed"]) == 3
+        assert (tmp_path / "convergence.png").stat().st_size > 0
+    assert "random" in data["note"].lower()

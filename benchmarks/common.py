@@ -1,0 +1,153 @@
+"""Helpers shared by the benchmark scripts: command line, the Gemma-2-shaped random model, random
+token batches, memory readings, tables and JSON. Each bench_*.py imports this first."""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")   # yapo.train's progress bar would bury the tables (read at tqdm import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally; never wait on a hub lookup
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = ROOT / "data_sample.jsonl"
+sys.path.insert(0, str(ROOT))                 # yapo.py lives at the repository root
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import yapo  # noqa: E402
+
+RANDOM_MODEL_NOTE = ("Random model and random SAE: these numbers measure compute, memory or optimisation, "
+                     "never real behaviour.")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def parser(script_file, description):
+    """--quick for a smoke test and --out for the JSON path (default benchmarks/results/<script stem>.json)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke test, not a figure")
+    p.add_argument("--out", default=str(RESULTS / (Path(script_file).stem + ".json")), help="where to write the JSON")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+
+def gemma2_shaped(vocab_size, hidden_size=256, layers=4, intermediate_size=1024, seed=0):
+    """A random Gemma-2 (float32, eager attention). Only the shapes are Gemma's: with its 256,000-token
+    vocabulary the embedding and LM head dominate the cost, as they do for Gemma-2-2B on a small batch."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          intermediate_size=intermediate_size, attn_implementation="eager")
+    return Gemma2ForCausalLM(config).eval()
+
+
+def calibrated_sae(model, layer, d_sae, l0, sample_ids, seed=0):
+    """A random JumpReLU SAE at `layer`, built the way yapo.tiny_setup builds its SAE: decoder rows as long
+    as the median residual-stream norm, thresholds set so that about `l0` latents fire per token."""
+    h = yapo.residual_stream(model, layer, sample_ids).flatten(0, 1)          # [N, d_model]
+    sae = yapo.random_sae(model.config.hidden_size, d_sae, layer, seed,
+                          decoder_norm=h.norm(dim=-1).median().item(), model_name="random-gemma2-shaped")
+    yapo.calibrate_thresholds(sae, h, l0)
+    return sae
+
+
+def mean_l0(sae, model, layer, ids):
+    """Latents that fire per token, averaged: checks the calibration."""
+    with torch.no_grad():
+        return (sae.encode(yapo.residual_stream(model, layer, ids)) > 0).sum(-1).float().mean().item()
+
+
+def random_prompt(length, vocab_size, gen):
+    """<bos> then random ids (ids 0-3 are Gemma's special tokens, so they are left out)."""
+    return [2] + torch.randint(4, vocab_size, (length - 1,), generator=gen).tolist()
+
+
+def random_ids(rows, length, vocab_size, seed=0):
+    """[rows, length] random prompts, e.g. to calibrate an SAE's thresholds on."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.tensor([random_prompt(length, vocab_size, gen) for _ in range(rows)])
+
+
+def random_examples(prompt_lens, response_len, vocab_size, seed=0):
+    """One (prompt, chosen, rejected) triple of id lists per prompt length, as yapo.tokenize_pair returns
+    them. Prompts of different lengths, as real ones are, so that the batch has padding."""
+    gen = torch.Generator().manual_seed(seed)
+    response = lambda: torch.randint(4, vocab_size, (response_len,), generator=gen).tolist()
+    return [(random_prompt(n, vocab_size, gen), response(), response()) for n in prompt_lens]
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_mb():
+    """Resident memory of this process now (Linux VmRSS)."""
+    return _status_kb("VmRSS") / 1024
+
+
+def reset_peak_rss():
+    """Restart the peak-RSS counter (Linux >= 4.0: write 5 to /proc/self/clear_refs), so the next
+    peak_rss_mb() covers only what follows. Returns False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb():
+    """Highest resident memory since the process started or since reset_peak_rss (Linux VmHWM)."""
+    return _status_kb("VmHWM") / 1024
+
+
+def machine():
+    """What the numbers were measured on; the load average shows whether other work shared the CPUs."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def fmt(x):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header)."""
+    cells = [[fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    print("  ".join(h.rjust(w) for (_, h), w in zip(columns, widths)))
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+def write_json(path, results):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {path}")
