@@ -672,6 +672,7 @@ def test_cli_tiny_end_to_end_then_eval_only_and_top_k(tmp_path):
                   "--mode", "dense", *common, cwd=tmp_path)
     assert bad.returncode != 0 and "error:" in bad.stderr and "mode: saved 'sparse', in use 'dense'" in bad.stderr
     assert "Traceback" not in bad.stderr
+    assert sorted(tmp_path.iterdir()) == runs  # the refused run wrote nothing
 
 
 def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path):

@@ -442,7 +442,7 @@ def load_vector(path, args, sae, device="cpu"):
 
 @torch.no_grad()
 def generate(model, tok, prompt, max_new_tokens):
-    ids = torch.tensor([tokenize_pair(tok, {"prompt": prompt, "chosen": "", "rejected": ""})[0]], device=model.device)
+    ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -703,12 +703,13 @@ def main(argv=None):
     if args.tiny:
         print("NOTE: --tiny uses a RANDOM model, tokenizer and SAE: the numbers show the mechanics, "
               "not real behaviour.")
+    loaded = load_vector(args.vector, args, sae, model.device) if args.eval_only else None  # fail before writing
     run = new_run_dir(args)
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
           f"layer {args.layer}; writing to {run}")
 
-    if args.eval_only:
-        v, history = load_vector(args.vector, args, sae, model.device), []
+    if loaded is not None:
+        v, history = loaded, []
     else:
         v, history = train(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
     eval_v, eval_sae = v, sae
