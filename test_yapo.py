@@ -472,7 +472,7 @@ def test_vector_file_round_trips_with_its_metadata(tiny, trained):
     with safe_open(str(trained["path"]), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == yapo.FORMAT_VERSION and meta["mode"] == "sparse" and meta["layer"] == str(LAYER)
-    assert meta["hook_name"] == f"blocks.{LAYER}.hook_resid_post" and meta["size"] == str(sae.cfg.d_sae)
+    assert meta["hook_name"] == f"blocks.{LAYER}.hook_resid_post" and meta["d_sae"] == meta["size"] == str(sae.cfg.d_sae)
     assert meta["sae"] == "tiny-random-jumprelu" and meta["sae_id"] == "seed0"
     assert json.loads(meta["args"])["lr"] == trained["args"].lr
     assert not list(trained["path"].parent.glob("*.tmp"))

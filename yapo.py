@@ -406,7 +406,7 @@ def vector_metadata(args, sae, size):
         "format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
         "sae": args.sae if sparse else "", "sae_id": args.sae_id if sparse else "",
         "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
-        "size": str(size), "args": json.dumps(asdict(args)),
+        "d_sae": str(sae.cfg.d_sae) if sparse else "", "size": str(size), "args": json.dumps(asdict(args)),
     }
 
 
@@ -429,7 +429,7 @@ def load_vector(path, args, sae, device="cpu"):
     expected = vector_metadata(args, sae, v.numel())
     if sae is not None:
         expected["size"] = str(sae.cfg.d_sae)
-    keys = ("mode", "model", "layer", "sae", "sae_id", "hook_name", "size")
+    keys = ("mode", "model", "layer", "sae", "sae_id", "hook_name", "d_sae", "size")
     wrong = [f"{k}: saved {meta.get(k)!r}, in use {expected[k]!r}" for k in keys if meta.get(k) != expected[k]]
     if wrong:
         raise ValueError(f"{path} was trained for another setup; " + "; ".join(wrong)
