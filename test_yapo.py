@@ -1,5 +1,8 @@
-"""The specification of yapo.py, offline: a tiny random Gemma-2, a tokenizer trained here and a random
-JumpReLU SAE stand in for Gemma-2-2B and Gemma Scope. Run: python -m pytest -q test_yapo.py"""
+"""The specification of yapo.py, offline: a tiny Gemma-2, a tokenizer and a JumpReLU SAE built here stand in
+for Gemma-2-2B and Gemma Scope. The tests of the method come first, in the paper's order (Eq. 3, log-probs,
+Eq. 4, Algorithm 1, the baselines, the metrics); the plumbing (data, files, command line) after them.
+Tests that touch the device path also run on CUDA in bf16 when a GPU is present.
+Run: python -m pytest -q test_yapo.py benchmarks/test_benchmarks.py"""
 
 import copy
 import json
@@ -8,10 +11,11 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach for a hub, and failing lookups must fail fast
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
 import torch
@@ -20,29 +24,43 @@ from safetensors import safe_open
 
 import yapo
 
+torch.set_num_threads(1)  # the tiny matrices gain nothing from threads, and threads on a busy CPU cost a lot
 ROOT = Path(__file__).parent
 DATA = ROOT / "data_sample.jsonl"
 LAYER = yapo.TINY_LAYER
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+DEVICES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
+           pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=GPU)]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
+def load(behavior="power_seeking", **kw):
+    return yapo.load_pairs(yapo.Args(data=str(DATA), behavior=behavior, **kw), need_train=kw.pop("need_train", True))
+
+
 @pytest.fixture(scope="session")
 def pairs():
-    return yapo.load_pairs(DATA, "power_seeking", test_fraction=0.2, seed=0)
+    return load()
 
 
 @pytest.fixture(scope="session")
 def tiny(pairs):
-    train, test = pairs
-    texts = [t for p in train + test for t in (p["prompt"], p["chosen"], p["rejected"])]
-    return yapo.tiny_setup(texts, seed=0)
+    return yapo.tiny_setup(pairs[0], seed=0)
+
+
+@pytest.fixture(params=DEVICES)
+def on_device(request, tiny):
+    """The tiny model and SAE on each device, in that device's dtype (CUDA: bf16, as the real run)."""
+    device, dtype = request.param
+    model, tok, sae = tiny
+    return copy.deepcopy(model).to(device, dtype), tok, copy.deepcopy(sae).to(device, dtype)
 
 
 @pytest.fixture
 def args(tmp_path):
-    return yapo.Args(tiny=True, layer=LAYER, model="tiny-random-gemma2", sae="tiny-random-jumprelu",
-                     sae_id="seed0", out_dir=str(tmp_path), n_generations=1, max_new_tokens=4)
+    return yapo.Args(tiny=True, layer=LAYER, model="tiny-gemma2", sae="tiny-jumprelu", sae_id="seed0",
+                     out_dir=str(tmp_path), n_generations=1, max_new_tokens=4, warmup_steps=0)
 
 
 def hidden(seed=0, shape=(2, 5, 64), scale=20.0):
@@ -62,6 +80,11 @@ def row(behavior="b", i=0, **extra):
     return {"behavior": behavior, "prompt": f"question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} | extra
 
 
+def pairs_from(path, behavior="b", **kw):
+    return yapo.load_pairs(yapo.Args(data=str(path), behavior=behavior, **kw), need_train=False)
+
+
+# ============================================================================================== THE METHOD
 # ---------------------------------------------------------------------------------------------- the hook (Eq. 3)
 
 def test_steer_returns_h_exactly_when_v_is_zero(tiny):
@@ -127,6 +150,20 @@ def test_v_stays_float32_while_h_keeps_the_layer_dtype(tiny):
         assert v.grad is not None and v.grad.dtype == torch.float32 and v.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("device_dtype", DEVICES)
+def test_the_hook_on_each_device_keeps_dtype_and_matches_eq3(tiny, device_dtype):
+    device, dtype = device_dtype
+    sae = copy.deepcopy(tiny[2]).to(device, dtype)
+    h, v = hidden().to(device, dtype), random_v(sae.cfg.d_sae).to(device)          # v float32, as in training
+    assert torch.equal(yapo.steer(h, torch.zeros_like(v), 1.0, sae), h)
+    out = yapo.steer(h, v, 1.0, sae)
+    assert out.dtype == dtype and out.device == h.device
+    z = sae.encode(h).float()
+    literal = (torch.relu(z + v) - z) @ sae.W_dec.float() + h.float()
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    assert (out.float() - literal).abs().max() <= tol * literal.abs().max()
+
+
 def test_steering_context_removes_its_hook_even_after_an_error(tiny):
     model, _, sae = tiny
     layer = yapo.decoder_layers(model)[LAYER]
@@ -161,149 +198,64 @@ def test_steering_changes_the_model_output_only_inside_the_block(tiny, pairs):
     model, tok, sae = tiny
     ids = torch.tensor([yapo.tokenize_pair(tok, pairs[0][0])[0]])
     before = model(input_ids=ids).logits
-    with yapo.steering(model, LAYER, random_v(sae.cfg.d_sae), 1.0, sae):
+    with yapo.steering(model, LAYER, random_v(sae.cfg.d_sae) * 3, 1.0, sae):
         steered = model(input_ids=ids).logits
     after = model(input_ids=ids).logits
     assert not torch.allclose(before, steered, atol=1e-3)
     assert torch.equal(before, after)
 
 
-def test_generation_with_kv_cache_matches_generation_without_it_under_steering(tiny, pairs):
-    model, tok, sae = tiny
-    prompt = torch.tensor([yapo.tokenize_pair(tok, pairs[1][0])[0]])
+def test_generation_with_kv_cache_matches_generation_without_it_under_steering(on_device, pairs):
+    model, tok, sae = on_device
+    prompt = torch.tensor([yapo.tokenize_pair(tok, pairs[1][0])[0]], device=model.device)
+    v = random_v(sae.cfg.d_sae).to(model.device) * 3 * yapo.auto_lam(model, tok, sae, pairs[0][:4], yapo.Args(layer=LAYER))
     outs = []
-    with yapo.steering(model, LAYER, random_v(sae.cfg.d_sae) * 3, 1.0, sae):
+    gen = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    with yapo.steering(model, LAYER, v, 1.0, sae):
         for use_cache in (True, False):
-            outs.append(model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                       do_sample=False, use_cache=use_cache, pad_token_id=tok.pad_token_id))
-    unsteered = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
-    assert torch.equal(outs[0], outs[1])
+            outs.append(model.generate(input_ids=prompt, use_cache=use_cache, **gen))
+    unsteered = model.generate(input_ids=prompt, **gen)
+    n = 8 if model.dtype == torch.float32 else 2     # bf16 rounding may split long greedy runs apart
+    assert torch.equal(outs[0][:, :prompt.shape[1] + n], outs[1][:, :prompt.shape[1] + n])
     assert not torch.equal(outs[0], unsteered)  # the steering did act on the generation
 
 
-# ---------------------------------------------------------------------------------------------- pruning (top-K)
-
-def test_pruned_vector_on_its_support_matches_the_full_computation(tiny):
-    _, _, sae = tiny
-    v, h, k = random_v(sae.cfg.d_sae), hidden(), 16
-    v_small, sae_small = yapo.prune(v, sae, k)
-    keep = v.abs().topk(k).indices
-    v_pruned = torch.zeros_like(v)
-    v_pruned[keep] = v[keep]
-    assert sae_small.cfg.d_sae == k and sae_small.W_dec.shape == (k, 64)
-    torch.testing.assert_close(yapo.steer(h, v_small, 1.5, sae_small), yapo.steer(h, v_pruned, 1.5, sae), atol=1e-4, rtol=1e-5)
-
-
-def test_restricted_sae_gives_the_same_latents_as_the_full_one(tiny):
-    _, _, sae = tiny
-    latents = torch.tensor([3, 17, 200, 511])
-    h = hidden()
-    torch.testing.assert_close(yapo.restrict_sae(sae, latents).encode(h), sae.encode(h)[..., latents])
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-def test_sample_data_has_every_behavior_with_at_least_40_pairs():
-    counts = {}
-    for _, r in yapo.read_rows(DATA):
-        counts[r["behavior"]] = counts.get(r["behavior"], 0) + 1
-    assert set(counts) >= {"power_seeking", "wealth_seeking", "hallucination", "jailbreak", "culture_morocco"}
-    assert min(counts.values()) >= 40
-
-
-def test_split_is_deterministic_disjoint_and_sized_by_test_fraction():
-    train, test = yapo.load_pairs(DATA, "hallucination", test_fraction=0.25, seed=3)
-    again = yapo.load_pairs(DATA, "hallucination", test_fraction=0.25, seed=3)
-    other = yapo.load_pairs(DATA, "hallucination", test_fraction=0.25, seed=4)
-    assert (train, test) == again
-    assert [p["prompt"] for p in test] != [p["prompt"] for p in other[1]]
-    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
-    assert len(test) == round(0.25 * (len(train) + len(test)))
-
-
-def test_split_field_is_respected(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [row(i=i, split="test" if i < 2 else "train") for i in range(6)])
-    train, test = yapo.load_pairs(path, "b", test_fraction=0.5)
-    assert [p["prompt"] for p in test] == ["question 0?", "question 1?"] and len(train) == 4
-
-
-def test_bipo_column_names_and_csv_are_accepted(tmp_path):
-    path = tmp_path / "d.csv"
-    path.write_text("question,matching,not_matching\nQ1?,(A) yes,(B) no\nQ2?,(B) sure,(A) nope\n")
-    train, test = yapo.load_pairs(path, "anything", test_fraction=0.0)
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in train] == [("Q1?", "(A) yes", "(B) no"),
-                                                                            ("Q2?", "(B) sure", "(A) nope")]
-
-
-def test_malformed_json_line_names_file_and_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(row()) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
-        yapo.load_pairs(path, "b")
-
-
-def test_missing_field_names_file_line_and_field(tmp_path):
-    bad = row(i=1)
-    del bad["rejected"]
-    path = write_jsonl(tmp_path / "d.jsonl", [row(), bad])
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing or empty field 'rejected'"):
-        yapo.load_pairs(path, "b")
-
-
-def test_unknown_behavior_lists_the_behaviors_in_the_file():
-    with pytest.raises(ValueError, match=r"no pairs for behavior 'power_seekin'.*'culture_morocco'.*'power_seeking'"):
-        yapo.load_pairs(DATA, "power_seekin")
-
-
-def test_selection_without_training_pairs_is_an_error(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [row(i=i, split="test") for i in range(3)])
-    with pytest.raises(ValueError, match="none for training"):
-        yapo.load_pairs(path, "b")
-
-
-def test_missing_data_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="not found: pass --data"):
-        yapo.load_pairs(tmp_path / "nope.jsonl", "b")
-
-
-# ---------------------------------------------------------------------------------------------- tokens and log-probs
-
-def test_chat_prompt_uses_only_a_user_turn_so_system_rejecting_templates_work(tiny):
-    _, tok, _ = tiny
-    with pytest.raises(Exception, match="System role"):
-        tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], tokenize=False)
-    assert yapo.chat_prompt(tok, "Hi?") == "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n"
-
+# ---------------------------------------------------------------------------------------------- log-probs
 
 def test_scored_tokens_are_exactly_the_response(tiny, pairs):
     _, tok, _ = tiny
     pair = pairs[0][0]
-    prompt_ids, chosen_ids, rejected_ids = yapo.tokenize_pair(tok, pair)
-    batch = yapo.collate([(prompt_ids, chosen_ids, rejected_ids)], tok.pad_token_id, "cpu")
+    batch = yapo.collate_pairs([yapo.tokenize_pair(tok, pair)], tok.pad_token_id, "cpu")
     assert tok.decode(batch["input_ids"][0][batch["response_mask"][0]]) == pair["chosen"]
     assert tok.decode(batch["input_ids"][1][batch["response_mask"][1]]) == pair["rejected"]
 
 
+def test_authors_scoring_adds_a_leading_space_and_an_end_of_sequence_token(tiny, pairs):
+    _, tok, _ = tiny
+    pair = pairs[0][0]
+    _, chosen, _ = yapo.tokenize_pair(tok, pair, authors_scoring=True)
+    assert chosen[-1] == tok.eos_token_id and tok.decode(chosen[:-1]) == " " + pair["chosen"]
+
+
 def test_collate_masks_prompt_and_padding_on_hand_built_ids():
-    batch = yapo.collate([([1, 2, 3], [4, 5], [6]), ([7], [8, 9, 10], [11, 12])], pad_id=0, device="cpu")
+    batch = yapo.collate_pairs([([1, 2, 3], [4, 5], [6]), ([7], [8, 9, 10], [11, 12])], pad_id=0, device="cpu")
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 11, 12, 0, 0]]
     assert batch["response_mask"].int().tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0], [0, 0, 0, 1, 0], [0, 1, 1, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
 
 
-def test_sequence_logprobs_match_a_full_log_softmax_computed_row_by_row(tiny):
-    model, _, _ = tiny
-    examples = [([2, 4, 30, 31], [40, 41, 42], [50]), ([2, 4, 33], [60], [70, 71, 72, 73])]
-    batch = yapo.collate(examples, pad_id=0, device="cpu")
+def test_sequence_logprobs_match_a_full_log_softmax_computed_row_by_row(on_device):
+    model, _, _ = on_device
+    examples = [([2, 4, 30, 31], [40, 41, 42]), ([2, 4, 33], [60]), ([2, 9], [70, 71, 72, 73])]
+    batch = yapo.collate(examples, pad_id=0, device=model.device)
+    tol = 1e-4 if model.dtype == torch.float32 else 0.1
     with torch.no_grad():
-        seq_logp, next_logp = yapo.sequence_logprobs(model, batch)
-        for i, (prompt, response) in enumerate([(p, w) for p, w, _ in examples] + [(p, l) for p, _, l in examples]):
-            ids = torch.tensor([prompt + response])
-            logp = model(input_ids=ids).logits[0].log_softmax(-1)          # every position, unpadded
+        seq_logp = yapo.sequence_logprobs(model, batch)
+        for i, (prompt, response) in enumerate(examples):
+            ids = torch.tensor([prompt + response], device=model.device)
+            logp = model(input_ids=ids).logits[0].float().log_softmax(-1)     # every position, unpadded
             expected = sum(logp[len(prompt) - 1 + t, tok_id] for t, tok_id in enumerate(response))
-            torch.testing.assert_close(seq_logp[i], expected, atol=1e-4, rtol=1e-5)
-            torch.testing.assert_close(next_logp[i], logp[len(prompt) - 1], atol=1e-4, rtol=1e-5)
+            assert seq_logp[i].item() == pytest.approx(expected.item(), abs=tol * len(response))
 
 
 def test_lm_head_runs_only_on_positions_that_predict_response_tokens(tiny):
@@ -311,14 +263,24 @@ def test_lm_head_runs_only_on_positions_that_predict_response_tokens(tiny):
     rows = []
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape))
-    batch = yapo.collate([([1] * 20, [5, 6, 7], [8])], pad_id=0, device="cpu")
+    batch = yapo.collate_pairs([([1] * 20, [5, 6, 7], [8])], pad_id=0, device="cpu")
     try:
         with torch.no_grad():
             yapo.sequence_logprobs(model, batch)
     finally:
         handle.remove()
-    assert rows[0] == (3 + 1, 64)  # the chosen's 3 and the rejected's 1 response tokens, not all 23 positions
-    assert rows[1] == (2, 64)      # then the last prompt position of each row, for the next-token distribution
+    assert rows == [(3 + 1, 64)]  # the chosen's 3 and the rejected's 1 response tokens, not all 23 positions
+
+
+def test_next_token_logprobs_are_the_models_distribution_after_each_prompt(tiny, pairs):
+    model, tok, _ = tiny
+    prompts = [p["prompt"] for p in pairs[1][:3]]
+    with torch.no_grad():
+        ours = yapo.next_token_logprobs(model, tok, prompts, batch_size=2)
+        for i, p in enumerate(prompts):
+            ids = tok(yapo.chat_prompt(tok, p), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            torch.testing.assert_close(ours[i], model(input_ids=ids).logits[0, -1].log_softmax(-1),
+                                       atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the loss (Eq. 4)
@@ -327,7 +289,7 @@ def test_loss_matches_a_hand_computed_value():
     logp_w, logp_l = torch.tensor([-3.0, -7.0]), torch.tensor([-5.0, -6.0])
     ref_w, ref_l = torch.tensor([-4.0, -7.5]), torch.tensor([-4.5, -6.5])
     loss, margin = yapo.yapo_loss(logp_w, logp_l, ref_w, ref_l, d=1.0, beta=0.1)
-    # pair 1: (−3+4) − (−5+4.5) = 1.5; pair 2: (−7+7.5) − (−6+6.5) = 0.0
+    # pair 1: (-3+4) - (-5+4.5) = 1.5; pair 2: (-7+7.5) - (-6+6.5) = 0.0
     expected = (math.log(1 + math.exp(-0.15)) + math.log(2)) / 2
     assert margin.tolist() == [1.5, 0.0]
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -349,15 +311,29 @@ def test_loss_is_log_2_when_steering_changes_nothing():
     assert loss.item() == pytest.approx(math.log(2))
 
 
-# ---------------------------------------------------------------------------------------------- training
+def test_only_v_receives_gradients(tiny, pairs):
+    model, tok, sae = tiny
+    model.requires_grad_(False), sae.requires_grad_(False)
+    v = torch.zeros(sae.cfg.d_sae, requires_grad=True)
+    batch = yapo.collate_pairs([yapo.tokenize_pair(tok, p) for p in pairs[0][:2]], tok.pad_token_id, "cpu")
+    with yapo.steering(model, LAYER, v, 1.0, sae):
+        logp = yapo.sequence_logprobs(model, batch)
+    loss, _ = yapo.yapo_loss(logp[:2], logp[2:], torch.zeros(2), torch.zeros(2), 1.0, 0.1)
+    loss.backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    assert all(p.grad is None for p in list(model.parameters()) + list(sae.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- training (Algorithm 1)
 
 @pytest.fixture(scope="session")
 def trained(tiny, pairs, tmp_path_factory):
     """One short sparse training run, shared by the tests that inspect its result."""
     model, tok, sae = tiny
     before = {k: t.clone() for k, t in list(model.state_dict().items()) + [("sae." + k, t) for k, t in sae.state_dict().items()]}
-    args = yapo.Args(tiny=True, layer=LAYER, model="tiny-random-gemma2", sae="tiny-random-jumprelu", sae_id="seed0",
-                     lr=5e-3, epochs=4, multipliers=[-1.0, 0.0, 1.0], n_generations=1, max_new_tokens=4)
+    args = yapo.Args(tiny=True, layer=LAYER, model="tiny-gemma2", sae="tiny-jumprelu", sae_id="seed0",
+                     lr=5e-3, lam=1.0, epochs=4, warmup_steps=0, multipliers=[-1.0, 0.0, 1.0], n_generations=1,
+                     max_new_tokens=4)
     path = tmp_path_factory.mktemp("run") / "vector.safetensors"
     v, history = yapo.train(model, tok, sae, pairs[0], args, save_to=path)
     return {"v": v, "history": history, "args": args, "path": path, "before": before}
@@ -367,19 +343,6 @@ def test_training_leaves_every_model_and_sae_weight_unchanged(tiny, trained):
     model, _, sae = tiny
     after = dict(list(model.state_dict().items()) + [("sae." + k, t) for k, t in sae.state_dict().items()])
     assert all(torch.equal(trained["before"][k], after[k]) for k in after)
-    assert all(p.grad is None for p in list(model.parameters()) + list(sae.parameters()))
-
-
-def test_only_v_receives_gradients(tiny, pairs, args):
-    model, tok, sae = tiny
-    model.requires_grad_(False), sae.requires_grad_(False)
-    v = torch.zeros(sae.cfg.d_sae, requires_grad=True)
-    batch = yapo.collate([yapo.tokenize_pair(tok, p) for p in pairs[0][:2]], tok.pad_token_id, "cpu")
-    with yapo.steering(model, LAYER, v, 1.0, sae):
-        logp, _ = yapo.sequence_logprobs(model, batch)
-    loss, _ = yapo.yapo_loss(logp[:2], logp[2:], torch.zeros(2), torch.zeros(2), 1.0, 0.1)
-    loss.backward()
-    assert v.grad is not None and v.grad.abs().sum() > 0
     assert all(p.grad is None for p in list(model.parameters()) + list(sae.parameters()))
 
 
@@ -396,23 +359,70 @@ def test_training_lowers_the_loss(trained):
 
 def test_training_raises_behavior_at_plus_one_and_lowers_it_at_minus_one(tiny, pairs, trained):
     model, tok, sae = tiny
-    result = yapo.evaluate(model, tok, sae, trained["v"], pairs[1], trained["args"])
+    result = yapo.evaluate(model, tok, sae, trained["v"], pairs[0], trained["args"])
     score = {r["multiplier"]: r["behavior_score"] for r in result["rows"]}
     assert score[-1.0] < score[0.0] < score[1.0]
 
 
 def test_same_seed_gives_the_identical_vector_and_another_seed_does_not(tiny, pairs, trained):
     model, tok, sae = tiny
-    again, _ = yapo.train(model, tok, sae, pairs[0], trained["args"])
-    other, _ = yapo.train(model, tok, sae, pairs[0], replace(trained["args"], seed=1))
-    assert torch.equal(again, trained["v"])
-    assert not torch.equal(other, trained["v"])
+    short = replace(trained["args"], epochs=1)
+    a, _ = yapo.train(model, tok, sae, pairs[0], short)
+    b, _ = yapo.train(model, tok, sae, pairs[0], short)
+    other, _ = yapo.train(model, tok, sae, pairs[0], replace(short, seed=1))
+    assert torch.equal(a, b)
+    assert not torch.equal(other, a)
 
 
 def test_directions_are_drawn_once_per_batch_from_both_signs(trained):
+    """Replays the documented draw: per epoch a permutation, then one d per batch from the same generator."""
+    gen, expected = torch.Generator().manual_seed(trained["args"].seed), []
+    for _ in range(trained["args"].epochs):
+        torch.randperm(37, generator=gen)
+        expected += [1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0 for _ in range(math.ceil(37 / 4))]
     ds = [h["d"] for h in trained["history"]]
-    assert set(ds) == {-1.0, 1.0}
-    assert len(ds) == 4 * math.ceil(37 / 4)
+    assert ds == expected
+    assert all({-1.0, 1.0} == set(ds[e * 10:(e + 1) * 10]) for e in range(4))   # both signs within each epoch
+
+
+def test_gradient_accumulation_steps_once_per_group_and_draws_d_per_micro_batch(tiny, pairs, args):
+    model, tok, sae = tiny
+    _, history = yapo.train(model, tok, sae, pairs[0][:16], replace(args, epochs=1, batch_size=2, grad_accum=4))
+    assert [h["step"] for h in history] == [0] * 4 + [1] * 4
+    assert len({h["d"] for h in history}) == 2                  # d varies inside one optimizer step
+
+
+def test_gradient_clipping_bounds_the_first_update(tiny, pairs, args):
+    model, tok, sae = tiny
+    step = replace(args, epochs=1, batch_size=4, lr=1e-2, lam=8.0)
+    free, _ = yapo.train(model, tok, sae, pairs[0][:4], step)
+    clipped, _ = yapo.train(model, tok, sae, pairs[0][:4], replace(step, max_grad_norm=1e-12))
+    # Adam's first update is lr * g / (|g| + eps): about lr where g is clipped to 1e-12 of nothing but eps
+    assert free.abs().max() > 0.5 * step.lr and clipped.abs().max() < 1e-3 * step.lr
+
+
+def test_weight_decay_is_the_args_value_not_pytorchs_default(tiny, pairs, args, monkeypatch):
+    model, tok, sae = tiny
+    seen = []
+    adamw = torch.optim.AdamW
+
+    def spy(params, **kw):
+        opt = adamw(params, **kw)
+        seen.append(opt.param_groups[0]["weight_decay"])
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    yapo.train(model, tok, sae, pairs[0][:4], replace(args, epochs=1))
+    yapo.train(model, tok, sae, pairs[0][:4], replace(args, epochs=1, weight_decay=0.05))
+    assert seen == [0.0, 0.05]
+
+
+def test_warmup_steps_are_absolute_and_start_from_a_zero_learning_rate(tiny, pairs, args):
+    model, tok, sae = tiny
+    one_step = replace(args, epochs=1, batch_size=4, lr=1e-2, lam=8.0)
+    warm, _ = yapo.train(model, tok, sae, pairs[0][:4], replace(one_step, warmup_steps=100))
+    cold, _ = yapo.train(model, tok, sae, pairs[0][:4], replace(one_step, warmup_steps=0))
+    assert torch.equal(warm, torch.zeros_like(warm)) and cold.abs().max() > 0
 
 
 def test_reference_logprobs_cost_one_pass_before_training_not_one_per_step(tiny, pairs, args, monkeypatch):
@@ -436,19 +446,12 @@ def test_reference_logprobs_cost_one_pass_before_training_not_one_per_step(tiny,
 def test_reference_none_trains_against_raw_log_probs(tiny, pairs, args):
     model, tok, sae = tiny
     _, history = yapo.train(model, tok, sae, pairs[0][:4], replace(args, epochs=1, batch_size=4, reference="none"))
-    batch = yapo.collate([yapo.tokenize_pair(tok, p) for p in pairs[0][:4]], tok.pad_token_id, "cpu")
+    batch = yapo.collate_pairs([yapo.tokenize_pair(tok, p) for p in pairs[0][:4]], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        logp, _ = yapo.sequence_logprobs(model, batch)           # v = 0 at the first step
+        logp = yapo.sequence_logprobs(model, batch)               # v = 0 at the first step
     d = history[0]["d"]
     expected = -F.logsigmoid(0.1 * d * (logp[:4] - logp[4:])).mean()
     assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_cosine_schedule_warms_up_then_decays_to_zero():
-    lrs = [yapo.cosine_with_warmup(s, 100, 10) for s in range(101)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[55] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(tiny, pairs, args):
@@ -459,21 +462,483 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tiny, pairs, args):
 
 def test_dense_mode_trains_a_d_model_vector(tiny, pairs, args):
     model, tok, _ = tiny
-    v, history = yapo.train(model, tok, None, pairs[0][:8], replace(args, mode="dense", epochs=2, lr=1e-2))
+    v, _ = yapo.train(model, tok, None, pairs[0][:8], replace(args, mode="dense", epochs=2, lr=1e-2))
     assert v.shape == (64,) and v.dtype == torch.float32 and v.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------------------- saving and loading
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_training_on_each_device_keeps_v_float32_and_lowers_the_loss(on_device, pairs, args, sparse):
+    model, tok, sae = on_device
+    run = replace(args, mode="sparse" if sparse else "dense", epochs=3, lr=2e-2, lam=8.0 if sparse else 1.0)
+    v, history = yapo.train(model, tok, sae if sparse else None, pairs[0][:8], run)
+    assert v.dtype == torch.float32 and v.device.type == model.device.type and v.abs().sum() > 0
+    losses = [h["loss"] for h in history]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-2:]) / 2 < losses[0]
+
+
+def test_lam_auto_makes_training_independent_of_the_activation_scale(tiny, pairs, args):
+    """Scale the residual stream 1000x at the steered layer (and the SAE with it), undo it one layer later:
+    the model computes the same function, but lr-sized steps in v are 1000x too small at lam 1."""
+    model, tok, sae = tiny
+    big = copy.deepcopy(sae)
+    with torch.no_grad():
+        big.b_enc.mul_(1000), big.threshold.mul_(1000), big.b_dec.mul_(1000)
+    layers = yapo.decoder_layers(model)
+
+    def shrink(module, a, kw):                                   # the next layer reads h / 1000
+        if a:
+            return (a[0] / 1000,) + a[1:], kw
+        return a, kw | {"hidden_states": kw["hidden_states"] / 1000}
+
+    run = replace(args, epochs=2, lr=2e-2, lam="auto")
+    first = [yapo.train(model, tok, sae, pairs[0][:8], replace(run, lam=yapo.auto_lam(model, tok, sae, pairs[0], run)))]
+    handles = [layers[LAYER].register_forward_hook(lambda m, i, o: o * 1000),
+               layers[LAYER + 1].register_forward_pre_hook(shrink, with_kwargs=True)]
+    try:
+        lam_big = yapo.auto_lam(model, tok, big, pairs[0], run)
+        scaled = yapo.train(model, tok, big, pairs[0][:8], replace(run, lam=lam_big))
+        fixed = yapo.train(model, tok, big, pairs[0][:8], replace(run, lam=1.0))
+    finally:
+        for h in handles:
+            h.remove()
+    lam_small = yapo.auto_lam(model, tok, sae, pairs[0], run)
+    assert lam_big == pytest.approx(1000 * lam_small, rel=1e-3)
+    losses = lambda hist: [h["loss"] for h in hist]
+    assert losses(scaled[1]) == pytest.approx(losses(first[0][1]), abs=2e-3)
+    assert max(abs(x - math.log(2)) for x in losses(fixed[1])) < 1e-3 < max(abs(x - math.log(2))
+                                                                             for x in losses(scaled[1]))
+
+
+# ---------------------------------------------------------------------------------------------- the baselines: CAA, SAS
+
+def test_caa_vector_is_the_mean_difference_at_the_label_token_and_over_open_answers(tiny, pairs, args):
+    model, tok, _ = tiny
+    mcq = next(p for p in pairs[0] if p["format"] == "mcq")
+    open_ = next(p for p in pairs[0] if p["format"] == "open")
+    diffs = []
+    for p in (mcq, open_):
+        prompt, w, l = yapo.tokenize_pair(tok, p)
+        reads = []
+        for resp, text in ((w, p["chosen"]), (l, p["rejected"])):
+            with torch.no_grad():
+                h = model(input_ids=torch.tensor([prompt + resp]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            if p["format"] == "mcq":    # the first response token whose text reaches the label letter
+                k = next(k for k in range(1, len(resp) + 1) if yapo.answer_label(text) in tok.decode(resp[:k]))
+                reads.append(h[len(prompt) + k - 1])
+            else:
+                reads.append(h[len(prompt):].mean(0))
+        diffs.append(reads[0] - reads[1])
+    expected = (diffs[0] + diffs[1]) / 2
+    torch.testing.assert_close(yapo.caa_vector(model, tok, [mcq, open_], args), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sas_keeps_only_latents_frequent_on_one_side_alone():
+    codes_w = torch.tensor([[1.0, 2.0, 0.0, 0.0, 3.0],
+                            [3.0, 2.0, 0.0, 1.0, 0.0],
+                            [2.0, 2.0, 0.0, 0.0, 0.0]])
+    codes_l = torch.tensor([[0.0, 4.0, 5.0, 0.0, 0.0],
+                            [0.0, 4.0, 1.0, 0.0, 0.0]])
+    # latent 0: w only (3/3) -> kept, mean 2; latent 1: both sides -> dropped; latent 2: l only -> -mean 3;
+    # latents 3 and 4: 1/3 of w's tokens, not more than tau = 0.5 -> dropped
+    assert yapo.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [2.0, 0.0, -3.0, 0.0, 0.0]
+
+
+def test_sas_vector_is_zero_outside_the_kept_latents_and_works_with_the_hook(tiny, pairs, args):
+    model, tok, sae = tiny
+    v = yapo.sas_vector(model, tok, sae, pairs[0][:12], replace(args, mode="sas", sas_tau=0.1))
+    w, l = yapo.contrast_activations(model, tok, sae, pairs[0][:12], args)
+    fw, fl = ((torch.cat(x) > 0).float().mean(0) > 0.1 for x in (w, l))
+    assert torch.equal(v != 0, (fw ^ fl) & (torch.cat(w).mean(0) + torch.cat(l).mean(0) > 0))
+    assert (yapo.steer(hidden(), v, 1.0, sae) - hidden()).abs().max() > 0
+
+
+def test_sas_that_keeps_nothing_says_to_lower_tau(tiny, pairs, args):
+    model, tok, sae = tiny
+    with pytest.raises(ValueError, match="lower --sas-tau"):
+        yapo.sas_vector(model, tok, sae, pairs[0][:4], replace(args, sas_tau=1.0))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation and metrics
+
+def test_evaluation_scores_match_an_independent_computation(tiny, pairs, trained):
+    model, tok, sae = tiny
+    test = pairs[1][:3]
+    result = yapo.evaluate(model, tok, sae, trained["v"], test, replace(trained["args"], multipliers=[0.0, 2.0]))
+    for m, row_ in zip([0.0, 2.0], result["rows"]):
+        sig, wins, kls = [], [], []
+        for p in test:
+            prompt, chosen, rejected = yapo.tokenize_pair(tok, p)
+            with torch.no_grad():
+                base = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+                with yapo.steering(model, LAYER, trained["v"], m * trained["args"].lam, sae):
+                    lp = {}
+                    for name, resp in (("w", chosen), ("l", rejected)):
+                        logits = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
+                        lp[name] = sum(logits[len(prompt) - 1 + t, i] for t, i in enumerate(resp))
+                    steered = logits[len(prompt) - 1]
+            sig.append(torch.sigmoid(lp["w"] - lp["l"]).item())
+            wins.append(float(lp["w"] > lp["l"]))
+            kls.append((steered.exp() * (steered - base)).sum().item())
+        assert row_["behavior_score"] == pytest.approx(sum(sig) / 3, abs=1e-4)
+        assert row_["accuracy"] == pytest.approx(sum(wins) / 3)
+        assert row_["drift_kl"] == pytest.approx(sum(kls) / 3, abs=1e-5)
+    assert result["rows"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert result["rows"][1]["drift_kl"] > 1e-4
+
+
+def test_drift_is_kl_of_the_steered_distribution_from_the_unsteered_one():
+    steered, base = torch.tensor([[0.9, 0.1]]).log(), torch.tensor([[0.5, 0.5]]).log()
+    forward = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)     # KL(steered || base) = 0.368
+    backward = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)    # KL(base || steered) = 0.511
+    assert yapo.drift_kl(steered, base).item() == pytest.approx(forward, rel=1e-5)
+    assert abs(forward - backward) > 0.1
+
+
+def test_evaluation_on_each_device_is_finite_with_no_drift_unsteered(on_device, pairs, args):
+    model, tok, sae = on_device
+    v = random_v(sae.cfg.d_sae).to(model.device)
+    result = yapo.evaluate(model, tok, sae, v, pairs[1][:4], replace(args, multipliers=[0.0, 1.0]))
+    assert all(math.isfinite(r[k]) for r in result["rows"] for k in ("behavior_score", "accuracy", "drift_kl"))
+    assert result["rows"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["mcq"]["n"] > 0 for r in result["rows"])          # the A/B items of power_seeking are MCQ rows
+
+
+def test_evaluation_generates_greedy_answers_per_multiplier(tiny, pairs, trained):
+    model, tok, sae = tiny
+    result = yapo.evaluate(model, tok, sae, trained["v"], pairs[1][:2], replace(trained["args"], n_generations=2))
+    by_m = {}
+    for g in result["generations"]:
+        by_m.setdefault(g["multiplier"], []).append(g["answer"])
+    assert set(by_m) == {-1.0, 0.0, 1.0} and all(len(a) == 2 for a in by_m.values())
+    assert by_m[0.0][0] == yapo.generate(model, tok, pairs[1][0]["prompt"], 4)
+
+
+@pytest.mark.parametrize("text,label", [("\\boxed{2}", "2"), ("\\boxed{(C)}", "C"), ("(A) Mint tea.", "A"),
+                                        ("B.", "B"), ("D", "D"), ("A cup of coffee.", None), ("I think so", None)])
+def test_answer_labels_are_read_from_boxed_parenthesised_or_bare_answers(text, label):
+    assert yapo.answer_label(text) == label
+
+
+def test_culture_metrics_match_hand_computed_rca_and_pnlg():
+    P = lambda group, loc, country="x": {"group": group, "localized": loc, "country": country}
+    pairs = [P("g1", True), P("g1", False), P("g2", True), P("g2", True), P("g2", False), P("g3", True)]
+    correct = [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    out = yapo.culture_metrics(pairs, correct, alpha=1.0)
+    # g1: p_loc 1, p_non 0 -> harmonic 0, gap 1 / 0.5 = 2; g2: 1, 1 -> 1, 0; g3 has one form only: left out
+    assert out["rca"] == pytest.approx(0.5) and out["pnlg"] == pytest.approx(1.0, rel=1e-6) and out["groups"] == 2
+    assert out["accuracy"] == pytest.approx(4 / 6)
+    assert out["accuracy_localized"] == pytest.approx(3 / 4) and out["accuracy_nonlocalized"] == pytest.approx(1 / 2)
+    half = yapo.culture_metrics(pairs[:2] + [P("g4", True), P("g4", False)], [1.0, 0.5, 0.5, 0.25], alpha=2.0)
+    # g1: 2*1*0.5/1.5 = 2/3, (1-0.5)/0.75^2; g4: 2*0.5*0.25/0.75 = 1/3, (0.25)/0.375^2
+    assert half["rca"] == pytest.approx(0.5) and half["pnlg"] == pytest.approx((0.5 / 0.5625 + 0.25 / 0.140625) / 2)
+
+
+def test_mcq_choice_is_the_label_with_the_highest_log_probability(tiny):
+    model, tok, _ = tiny
+    pairs = load("culture_egypt", format="mcq")[1][:4]
+    picks = yapo.mcq_choices(model, tok, pairs, yapo.Args())
+    for p, pick in zip(pairs, picks):
+        prompt = tok(yapo.chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
+        scores = {}
+        for k in yapo.option_labels(p["prompt"]):
+            resp = tok(f"({k})", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
+            scores[k] = sum(logp[len(prompt) - 1 + t, i] for t, i in enumerate(resp)).item()
+        assert pick == max(scores, key=scores.get)
+
+
+def test_evaluation_reports_mcq_accuracy_rca_and_pnlg_per_country(tiny, args):
+    model, tok, sae = tiny
+    test = [p for c in ("egypt", "lebanon") for p in load(f"culture_{c}", format="mcq")[1]]
+    v = random_v(sae.cfg.d_sae)
+    result = yapo.evaluate(model, tok, sae, v, test, replace(args, multipliers=[1.0], n_generations=0))
+    mcq = result["rows"][0]["mcq"]
+    with torch.no_grad(), yapo.steering(model, LAYER, v, args.lam, sae):
+        picks = yapo.mcq_choices(model, tok, test, args)
+    correct = [float(k == yapo.answer_label(p["chosen"])) for p, k in zip(test, picks)]
+    assert mcq["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    assert set(mcq["per_country"]) == {"egypt", "lebanon"}
+    egypt = [(p, c) for p, c in zip(test, correct) if p["country"] == "egypt"]
+    assert mcq["per_country"]["egypt"] == yapo.culture_metrics(*zip(*egypt), args.pnlg_alpha)
+    assert "rca" in mcq and "pnlg" in mcq
+
+
+def test_mcq_generate_counts_unparseable_answers_as_wrong(tiny, args, monkeypatch):
+    model, tok, sae = tiny
+    test = load("culture_egypt", format="mcq")[1][:4]
+    said = iter(["\\boxed{A}", "no idea", "(B) because", "C."] * 10)
+    monkeypatch.setattr(yapo, "generate", lambda *a, **k: next(said))
+    result = yapo.evaluate(model, tok, sae, torch.zeros(sae.cfg.d_sae), test,
+                           replace(args, multipliers=[0.0], n_generations=0, mcq_generate=True))
+    gen = result["rows"][0]["mcq_generate"]
+    gold = [yapo.answer_label(p["chosen"]) for p in test]
+    assert gen["unparseable"] == 1
+    assert gen["accuracy"] == pytest.approx(sum(a == b for a, b in zip(["A", None, "B", "C"], gold)) / 4)
+
+
+def test_open_ended_culture_answers_are_generated_for_a_judge(tiny, args):
+    model, tok, sae = tiny
+    test = load("culture_lebanon", format="open")[1]
+    result = yapo.evaluate(model, tok, sae, torch.zeros(sae.cfg.d_sae), test,
+                           replace(args, multipliers=[0.0, 1.0], n_generations=0))
+    assert len(result["generations"]) == 2 * len(test)
+    g = result["generations"][0]
+    assert set(g) >= {"prompt", "multiplier", "answer", "country", "localized"} and g["country"] == "lebanon"
+
+
+# ---------------------------------------------------------------------------------------------- pruning and interpretation
+
+def test_pruned_vector_on_its_support_matches_the_full_computation(tiny):
+    _, _, sae = tiny
+    v, h, k = random_v(sae.cfg.d_sae), hidden(), 16
+    v_small, sae_small = yapo.prune(v, sae, k)
+    keep = v.abs().topk(k).indices
+    v_pruned = torch.zeros_like(v)
+    v_pruned[keep] = v[keep]
+    assert sae_small.cfg.d_sae == k and sae_small.W_dec.shape == (k, 64)
+    torch.testing.assert_close(yapo.steer(h, v_small, 1.5, sae_small), yapo.steer(h, v_pruned, 1.5, sae),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_restricted_sae_gives_the_same_latents_as_the_full_one(tiny):
+    _, _, sae = tiny
+    latents = torch.tensor([3, 17, 200, 511])
+    h = hidden()
+    torch.testing.assert_close(yapo.restrict_sae(sae, latents).encode(h), sae.encode(h)[..., latents])
+
+
+def test_top_latents_are_sorted_with_neuronpedia_links_l0_and_norm(tiny):
+    _, _, sae = tiny
+    v = torch.zeros(sae.cfg.d_sae)
+    v[[5, 9, 40]] = torch.tensor([0.5, -2.0, 1.0])
+    sae.cfg.metadata.neuronpedia_id = "gemma-2-2b/15-gemmascope-res-65k"
+    try:
+        top = yapo.top_latents(v, sae, 2)
+    finally:
+        sae.cfg.metadata.neuronpedia_id = None
+    assert top["l0"] == 3 and top["norm"] == pytest.approx(math.sqrt(0.25 + 4 + 1))
+    assert [t["latent"] for t in top["positive"]] == [40, 5] and [t["latent"] for t in top["negative"]] == [9]
+    assert top["positive"][0]["url"] == "https://www.neuronpedia.org/gemma-2-2b/15-gemmascope-res-65k/40"
+    assert yapo.top_latents(v, sae, 1)["positive"][0]["url"] is None
+
+
+def test_top_latents_never_list_a_latent_under_the_wrong_sign(tiny):
+    _, _, sae = tiny
+    v = torch.zeros(sae.cfg.d_sae)
+    v[[1, 2, 3, 4]] = torch.tensor([0.7, -0.1, -0.2, -0.3])
+    top = yapo.top_latents(v, sae, 3)
+    assert [t["latent"] for t in top["positive"]] == [1]
+    assert [t["latent"] for t in top["negative"]] == [4, 3, 2]
+
+
+# ============================================================================================== THE PLUMBING
+# ---------------------------------------------------------------------------------------------- data
+
+def test_sample_data_has_every_behavior_with_at_least_40_pairs():
+    counts = {}
+    for _, r in yapo.read_rows(str(DATA)):
+        counts[r["behavior"]] = counts.get(r["behavior"], 0) + 1
+    assert set(counts) >= {"power_seeking", "wealth_seeking", "hallucination", "jailbreak", "culture_morocco",
+                           "culture_egypt", "culture_lebanon"}
+    assert min(counts.values()) >= 40
+
+
+def test_sample_culture_data_has_both_forms_and_implicit_cues_only():
+    names = {"morocco": ("morocc", "maroc"), "egypt": ("egypt", "masr", "misr"), "lebanon": ("leban", "liban")}
+    for country, words in names.items():
+        rows = [r for _, r in yapo.read_rows(str(DATA)) if r.get("country") == country]
+        groups = {}
+        for r in rows:
+            groups.setdefault(r["group"], []).append(r)
+        assert len(rows) >= 40 and all(sorted(x["localized"] for x in g) == [False, True] for g in groups.values())
+        for r in rows:
+            named = any(w in r["prompt"].lower() for w in words)
+            assert named == r["localized"], r["prompt"]
+            if r["format"] == "mcq":                      # one option per country of the language + a control
+                assert len(yapo.option_labels(r["prompt"])) == 4
+
+
+def test_split_is_deterministic_disjoint_and_sized_by_test_fraction():
+    train, test = load("hallucination", test_fraction=0.25, seed=3)
+    again = load("hallucination", test_fraction=0.25, seed=3)
+    other = load("hallucination", test_fraction=0.25, seed=4)
+    assert (train, test) == again
+    assert [p["prompt"] for p in test] != [p["prompt"] for p in other[1]]
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert len(test) == round(0.25 * (len(train) + len(test)))
+
+
+def test_both_forms_of_a_question_land_on_the_same_side_of_the_split():
+    for seed in range(5):
+        train, test = load("culture_morocco", seed=seed)
+        assert not {p["group"] for p in train} & {p["group"] for p in test}
+        assert test and train
+
+
+def test_split_field_is_respected(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [row(i=i, split="test" if i < 2 else "train") for i in range(6)])
+    train, test = pairs_from(path, test_fraction=0.5)
+    assert [p["prompt"] for p in test] == ["question 0?", "question 1?"] and len(train) == 4
+
+
+def test_bipo_column_names_and_csv_are_accepted(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("question,matching,not_matching\nQ1?,(A) yes,(B) no\nQ2?,(B) sure,(A) nope\n")
+    train, _ = pairs_from(path, "anything", test_fraction=0.0)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in train] == [("Q1?", "(A) yes", "(B) no"),
+                                                                            ("Q2?", "(B) sure", "(A) nope")]
+
+
+AUTHOR_ROW = {"prompt-mcq": "Which dish?\n1. Koshari\n2. Couscous\n3. Manakish", "chosen-mcq": "\\boxed{1}",
+              "rejected_gemma_2_2b_it_mcq": "I would say \\boxed{2}", "rejected_gemma_2_9b_it_mcq": "\\boxed{3}",
+              "prompt_open_ended": "What do we eat?", "chosen_open_ended": "Koshari from the corner shop.",
+              "rejected_gemma_2_2b_it_open_ended": "A burger.", "rejected_gemma_2_9b_it_open_ended": "Pasta.",
+              "country": "egypt", "localization_status": "nolocalized"}
+
+
+def test_the_authors_deep_culture_lense_columns_are_read_per_format_and_model(tmp_path):
+    path = write_jsonl(tmp_path / "dcl.jsonl", [AUTHOR_ROW])
+    (mcq,), _ = pairs_from(path, "x", format="mcq", test_fraction=0.0)
+    assert (mcq["prompt"], mcq["chosen"], mcq["rejected"]) == (AUTHOR_ROW["prompt-mcq"], "\\boxed{1}", "I would say \\boxed{2}")
+    assert mcq["format"] == "mcq" and mcq["localized"] is False and mcq["country"] == "egypt"
+    (open_,), _ = pairs_from(path, "x", format="open", model="google/gemma-2-9b-it", test_fraction=0.0)
+    assert (open_["prompt"], open_["rejected"]) == ("What do we eat?", "Pasta.")
+
+
+def test_a_folder_saved_by_datasets_is_read_with_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [row(i=i) for i in range(4)]
+    data = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                                 "test": datasets.Dataset.from_list(rows[3:])})
+    data.save_to_disk(str(tmp_path / "ds"))
+    train, test = pairs_from(tmp_path / "ds")
+    assert [p["prompt"] for p in test] == ["question 3?"] and len(train) == 3
+
+
+def test_a_hub_dataset_without_network_is_one_clear_error():
+    pytest.importorskip("datasets")
+    with pytest.raises(ValueError, match=r"(?s)could not load data set 'nobody/no-such-data'.*no network.*--tiny"):
+        pairs_from("nobody/no-such-data")
+
+
+def test_country_and_localization_filters(tmp_path):
+    train, test = load("culture_egypt", country="Egypt", localization="nolocalized")
+    assert train and all(p["country"] == "egypt" and p["localized"] is False for p in train + test)
+
+
+def test_a_filter_that_leaves_nothing_names_the_values_that_exist():
+    with pytest.raises(ValueError, match=r"--country france.*country \['egypt'\]"):
+        load("culture_egypt", country="france")
+
+
+def test_a_group_with_only_one_form_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [row(i=0, group="q1", localized=True), row(i=1, group="q1", localized=False),
+                                              row(i=2, group="q2", localized=True)])
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: group 'q2' has only its localized form"):
+        pairs_from(path)
+    assert len(pairs_from(path, localization="localized")[1] + pairs_from(path, localization="localized")[0]) == 2
+
+
+def test_a_malformed_mcq_label_names_file_and_line(tmp_path):
+    mcq = row(i=1, prompt="Which?\n(A) one\n(B) two", chosen="(E) five", format="mcq")
+    path = write_jsonl(tmp_path / "d.jsonl", [row(), mcq])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: an MCQ row .*options found: \['A', 'B'\]"):
+        pairs_from(path)
+
+
+def test_a_b_items_are_recognised_as_mcq_and_free_text_as_open(pairs):
+    by_format = {p["format"] for p in pairs[0]}
+    assert by_format == {"mcq", "open"}
+    assert all(p["chosen"].startswith("(") for p in pairs[0] if p["format"] == "mcq")
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row()) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
+        pairs_from(path)
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    bad = row(i=1)
+    del bad["chosen"]
+    path = write_jsonl(tmp_path / "d.jsonl", [row(), bad])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing or empty field 'chosen'"):
+        pairs_from(path)
+
+
+def test_a_missing_rejected_answer_asks_for_resampling(tmp_path):
+    bad = row(i=1)
+    del bad["rejected"]
+    path = write_jsonl(tmp_path / "d.jsonl", [row(), bad])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing or empty field 'rejected'.*--resample-rejected"):
+        pairs_from(path)
+    assert pairs_from(path, resample_rejected="missing")[0][1]["rejected"] is None
+
+
+def test_unknown_behavior_lists_the_behaviors_in_the_file():
+    with pytest.raises(ValueError, match=r"--behavior power_seekin .*'culture_morocco'.*'power_seeking'"):
+        load("power_seekin")
+
+
+def test_selection_without_training_pairs_is_an_error_only_when_training(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [row(i=i, split="test") for i in range(3)])
+    with pytest.raises(ValueError, match="none for training"):
+        yapo.load_pairs(yapo.Args(data=str(path), behavior="b"))
+    assert len(pairs_from(path)[1]) == 3
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not found: pass --data"):
+        pairs_from(tmp_path / "nope.jsonl")
+
+
+def test_chat_prompt_uses_only_a_user_turn_so_system_rejecting_templates_work(tiny):
+    _, tok, _ = tiny
+    with pytest.raises(Exception, match="System role"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], tokenize=False)
+    assert yapo.chat_prompt(tok, "Hi?") == "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n"
+
+
+# ---------------------------------------------------------------------------------------------- on-policy rejected answers
+
+def test_sampled_rejected_answers_are_non_empty_seeded_and_reload(tiny, tmp_path):
+    model, tok, _ = tiny
+    rows = [{k: v for k, v in row(i=i).items() if k != "rejected"} for i in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    run = replace(yapo.Args(data=str(path), behavior="b", resample_rejected="missing", sample_max_tokens=6))
+    first = yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], run)
+    second = yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], run)
+    other = yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], replace(run, seed=5))
+    assert all(p["rejected"] for p in first)
+    assert [p["rejected"] for p in first] == [p["rejected"] for p in second]
+    assert [p["rejected"] for p in first] != [p["rejected"] for p in other]
+
+
+def test_main_samples_missing_rejected_answers_and_writes_reusable_pairs(saved_tiny, tmp_path):
+    rows = [{k: v for k, v in row(behavior="b", i=i).items() if k != "rejected"} for i in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    yapo.main(["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+               "--data", str(path), "--behavior", "b", "--resample-rejected", "missing", "--epochs", "1",
+               "--sample-max-tokens", "5", "--multipliers", "0", "--n-generations", "0",
+               "--out-dir", str(tmp_path / "runs"), "--device", "cpu"])
+    (run,) = (tmp_path / "runs").iterdir()
+    again = pairs_from(run / "pairs.jsonl")
+    assert len(again[0] + again[1]) == 5 and all(p["rejected"] for p in again[0] + again[1])
+
+
+# ---------------------------------------------------------------------------------------------- saving, loading, export
 
 def test_vector_file_round_trips_with_its_metadata(tiny, trained):
     _, _, sae = tiny
-    v = yapo.load_vector(trained["path"], trained["args"], sae)
-    assert torch.equal(v, trained["v"])
+    v, lam = yapo.load_vector(trained["path"], trained["args"], sae, 64)
+    assert torch.equal(v, trained["v"]) and lam == trained["args"].lam
     with safe_open(str(trained["path"]), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == yapo.FORMAT_VERSION and meta["mode"] == "sparse" and meta["layer"] == str(LAYER)
     assert meta["hook_name"] == f"blocks.{LAYER}.hook_resid_post" and meta["d_sae"] == meta["size"] == str(sae.cfg.d_sae)
-    assert meta["sae"] == "tiny-random-jumprelu" and meta["sae_id"] == "seed0"
+    assert meta["sae"] == "tiny-jumprelu" and meta["sae_id"] == "seed0"
     assert json.loads(meta["args"])["lr"] == trained["args"].lr
     assert not list(trained["path"].parent.glob("*.tmp"))
 
@@ -481,9 +946,17 @@ def test_vector_file_round_trips_with_its_metadata(tiny, trained):
 def test_loading_a_vector_for_another_setup_names_each_mismatch(tiny, trained):
     _, _, sae = tiny
     with pytest.raises(ValueError, match=r"layer: saved '2', in use '1'.*sae_id: saved 'seed0', in use 'other'"):
-        yapo.load_vector(trained["path"], replace(trained["args"], layer=1, sae_id="other"), sae)
+        yapo.load_vector(trained["path"], replace(trained["args"], layer=1, sae_id="other"), sae, 64)
     with pytest.raises(ValueError, match=r"mode: saved 'sparse', in use 'dense'"):
-        yapo.load_vector(trained["path"], replace(trained["args"], mode="dense"), None)
+        yapo.load_vector(trained["path"], replace(trained["args"], mode="dense"), None, 64)
+
+
+def test_a_dense_vector_of_another_hidden_size_is_refused(trained, tmp_path):
+    args = replace(trained["args"], mode="dense")
+    path = tmp_path / "v.safetensors"
+    yapo.save_vector(path, torch.ones(32), args, None)
+    with pytest.raises(ValueError, match=r"size: saved '32', in use '64'"):
+        yapo.load_vector(path, args, None, 64)
 
 
 def test_a_failed_save_keeps_the_previous_file(tiny, trained, tmp_path, monkeypatch):
@@ -507,73 +980,68 @@ def test_a_file_that_is_not_a_yapo_vector_is_refused(tmp_path, trained, tiny):
     path = tmp_path / "x.safetensors"
     save_file({"v": torch.zeros(3)}, str(path))
     with pytest.raises(ValueError, match="not a YaPO vector"):
-        yapo.load_vector(path, trained["args"], tiny[2])
+        yapo.load_vector(path, trained["args"], tiny[2], 64)
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
+def read_gguf(path):
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(path))
+    field = lambda k: reader.get_field(k).contents()
+    return field("general.architecture"), field("controlvector.model_hint"), field("controlvector.layer_count"), \
+        {t.name: t for t in reader.tensors}
 
-def test_evaluation_scores_match_an_independent_computation(tiny, pairs, trained):
+
+def test_a_dense_vector_exports_to_a_llama_cpp_control_vector_exactly(tiny, tmp_path):
+    model, _, _ = tiny
+    v = random_v(64)
+    direction = yapo.control_direction(v, None, -2.0 * 0.5)
+    yapo.export_gguf(tmp_path / "v.gguf", direction, LAYER, model)
+    arch, hint, layers, tensors = read_gguf(tmp_path / "v.gguf")
+    assert (arch, hint, layers, list(tensors)) == ("controlvector", "gemma2", 4, [f"direction.{LAYER}"])
+    t = tensors[f"direction.{LAYER}"]
+    assert t.data.dtype.name == "float32" and t.data.shape == (64,)
+    assert torch.equal(torch.from_numpy(t.data.copy()), -1.0 * v)
+    h = hidden()
+    assert torch.equal(yapo.steer(h, torch.from_numpy(t.data.copy()), 1.0, None), yapo.steer(h, v, -1.0, None))
+
+
+def test_a_sparse_export_reports_its_linearisation_error_against_an_independent_computation(tiny, pairs, trained):
     model, tok, sae = tiny
-    test = pairs[1][:3]
-    result = yapo.evaluate(model, tok, sae, trained["v"], test, replace(trained["args"], multipliers=[0.0, 2.0]))
-    for m, row in zip([0.0, 2.0], result["rows"]):
-        sig, wins, kls = [], [], []
-        for p in test:
-            prompt, chosen, rejected = yapo.tokenize_pair(tok, p)
+    v, args = trained["v"] * 5, trained["args"]
+    direction = yapo.control_direction(v, sae, 1.0 * args.lam)
+    fidelity = yapo.export_fidelity(model, tok, sae, v, direction, pairs[1][:3], args, 1.0)
+    exact, export = [], []
+    for p in pairs[1][:3]:
+        prompt, w, l = yapo.tokenize_pair(tok, p)
+        for resp in (w, l):
             with torch.no_grad():
-                base = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
-                with yapo.steering(model, LAYER, trained["v"], m, sae):
-                    lp = {}
-                    for name, resp in (("w", chosen), ("l", rejected)):
-                        logits = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
-                        lp[name] = sum(logits[len(prompt) - 1 + t, i] for t, i in enumerate(resp))
-                    steered = logits[len(prompt) - 1]
-            sig.append(torch.sigmoid(lp["w"] - lp["l"]).item())
-            wins.append(float(lp["w"] > lp["l"]))
-            kls.append((steered.exp() * (steered - base)).sum().item())
-        assert row["behavior_score"] == pytest.approx(sum(sig) / 3, abs=1e-4)
-        assert row["accuracy"] == pytest.approx(sum(wins) / 3)
-        assert row["drift_kl"] == pytest.approx(sum(kls) / 3, abs=1e-5)
-    assert result["rows"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-7)
-    assert result["rows"][1]["drift_kl"] > 1e-4
+                h = model(input_ids=torch.tensor([prompt + resp]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+                z = sae.encode(h)
+                exact.append(sae.decode(torch.relu(z + args.lam * v)) - sae.decode(z))      # Eq. 3 minus h
+                export.append((args.lam * v) @ sae.W_dec + 0 * h)
+    exact, export = torch.cat(exact), torch.cat(export)
+    assert fidelity["relative_error"] == pytest.approx(((export - exact).norm() / exact.norm()).item(), rel=1e-3)
+    assert 0 <= fidelity["behavior_export"] <= 1 and 0 <= fidelity["behavior_exact"] <= 1
 
 
-def test_evaluation_generates_greedy_answers_per_multiplier(tiny, pairs, trained):
-    model, tok, sae = tiny
-    result = yapo.evaluate(model, tok, sae, trained["v"], pairs[1][:2], replace(trained["args"], n_generations=2))
-    assert set(result["generations"]) == {"-1.0", "0.0", "1.0"}
-    assert all(len(g) == 2 and all(isinstance(a, str) for a in g) for g in result["generations"].values())
-    assert result["generations"]["0.0"][0] == yapo.generate(model, tok, pairs[1][0]["prompt"], 4)
+def test_block_zero_cannot_be_exported_for_llama_cpp(tiny, tmp_path):
+    with pytest.raises(ValueError, match="block 0"):
+        yapo.export_gguf(tmp_path / "v.gguf", torch.zeros(64), 0, tiny[0])
 
 
-def test_top_latents_are_sorted_with_neuronpedia_links_l0_and_norm(tiny):
-    _, _, sae = tiny
-    v = torch.zeros(sae.cfg.d_sae)
-    v[[5, 9, 40]] = torch.tensor([0.5, -2.0, 1.0])
-    sae.cfg.metadata.neuronpedia_id = "gemma-2-2b/15-gemmascope-res-65k"
-    try:
-        top = yapo.top_latents(v, sae, 2)
-    finally:
-        sae.cfg.metadata.neuronpedia_id = None
-    assert top["l0"] == 3 and top["norm"] == pytest.approx(math.sqrt(0.25 + 4 + 1))
-    assert [t["latent"] for t in top["positive"]] == [40, 5] and [t["latent"] for t in top["negative"]] == [9]
-    assert top["positive"][0]["url"] == "https://www.neuronpedia.org/gemma-2-2b/15-gemmascope-res-65k/40"
-    assert yapo.top_latents(v, sae, 1)["positive"][0]["url"] is None
-
-
-# ---------------------------------------------------------------------------------------------- models and SAEs
+# ---------------------------------------------------------------------------------------------- models, SAEs, settings
 
 def test_sae_for_another_layer_is_refused_naming_both_layers(tiny):
     model, _, sae = tiny
     with pytest.raises(ValueError, match=r"--layer 1, but the SAE was trained on layer 2.*pass --layer 2"):
-        yapo.check_pair(model, sae, 1)
+        yapo.check_sae_fits_model(model, sae, 1)
 
 
 def test_sae_for_another_width_is_refused_naming_both_sizes(tiny):
     model, _, _ = tiny
     wide = yapo.random_sae(128, 32, LAYER, seed=0)
     with pytest.raises(ValueError, match="SAE d_in is 128 but the model's hidden size is 64"):
-        yapo.check_pair(model, wide, LAYER)
+        yapo.check_sae_fits_model(model, wide, LAYER)
 
 
 def test_a_model_whose_head_does_more_than_softcapping_is_refused(tiny, monkeypatch):
@@ -585,18 +1053,18 @@ def test_a_model_whose_head_does_more_than_softcapping_is_refused(tiny, monkeypa
         out.logits = out.logits * 0.0625
         return out
 
-    yapo.check_pair(model, None, LAYER)
+    yapo.check_sae_fits_model(model, None, LAYER)
     monkeypatch.setattr(model, "forward", scaled_logits)
     with pytest.raises(ValueError, match="transforms its logits"):
-        yapo.check_pair(model, None, LAYER)
+        yapo.check_sae_fits_model(model, None, LAYER)
 
 
 def test_layer_outside_the_model_is_refused(tiny):
     with pytest.raises(ValueError, match=r"--layer 15, but the model has layers 0..3"):
-        yapo.check_pair(tiny[0], None, 15)
+        yapo.check_sae_fits_model(tiny[0], None, 15)
 
 
-def test_model_that_cannot_be_loaded_gives_one_message_with_the_tiny_alternative(tmp_path, monkeypatch):
+def test_model_that_cannot_be_loaded_gives_one_message_with_the_tiny_alternative(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)could not load model 'nobody/no-such-model'.*gated model.*--tiny"):
         yapo.load_model("nobody/no-such-model", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match=r"(?s)could not load model .*the folder .* does not exist.*--tiny"):
@@ -606,18 +1074,34 @@ def test_model_that_cannot_be_loaded_gives_one_message_with_the_tiny_alternative
 
 
 def test_wrong_choice_names_the_valid_choices():
-    with pytest.raises(ValueError, match=r"--mode 'sprase' is not one of \['sparse', 'dense'\]"):
+    with pytest.raises(ValueError, match=r"--mode 'sprase' is not one of \['sparse', 'dense', 'caa', 'sas'\]"):
         yapo.Args(mode="sprase")
     with pytest.raises(SystemExit):
         yapo.parse_args(["--reference", "policy"])
+    with pytest.raises(ValueError, match="--lam 'big': give a number or auto"):
+        yapo.Args(lam="big")
 
 
 def test_help_documents_every_args_field(capsys):
     with pytest.raises(SystemExit):
         yapo.parse_args(["--help"])
-    text = capsys.readouterr().out
-    for f in fields(yapo.Args):
-        assert "--" + f.name.replace("_", "-") in text and f.metadata["help"][:20] in " ".join(text.split())
+    text = " ".join(capsys.readouterr().out.split())
+    for f in yapo.fields(yapo.Args):
+        assert "--" + f.name.replace("_", "-") in text and " ".join(f.metadata["help"].split())[:20] in text
+
+
+def test_presets_set_the_papers_setup_and_explicit_flags_win():
+    paper = yapo.parse_args(["--preset", "paper-2b"])
+    assert (paper.model, paper.sae, paper.sae_id, paper.layer) == (
+        "google/gemma-2-2b-it", "gemma-scope-2b-pt-res", "layer_15/width_65k/average_l0_68", 15)
+    assert (paper.beta, paper.lr, paper.epochs, paper.batch_size * paper.grad_accum, paper.warmup_steps) == (
+        0.1, 5e-4, 20, 32, 100)
+    assert yapo.parse_args(["--preset", "paper-9b"]).layer == 28
+    cpu = yapo.parse_args(["--preset", "cpu", "--layer", "6", "--lam", "3"])
+    assert cpu.model == "google/gemma-3-270m-it" and cpu.layer == 6 and cpu.lam == 3.0
+    assert yapo.parse_args(["--preset", "cpu"]).lam == "auto"
+    assert yapo.parse_args(["--tiny"]).lam == float(yapo.TINY_DEFAULTS["lam"])
+    assert yapo.parse_args(["--tiny", "--lam", "2"]).lam == 2.0
 
 
 @pytest.fixture(scope="session")
@@ -632,7 +1116,7 @@ def saved_tiny(tiny, tmp_path_factory):
 
 
 def test_main_trains_and_evaluates_from_local_model_and_sae_folders(saved_tiny, tiny, tmp_path):
-    model, _, sae = tiny
+    model, _, _ = tiny
     loaded, _ = yapo.load_model(str(saved_tiny / "model"), torch.device("cpu"), torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     results = yapo.main(["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
@@ -645,31 +1129,70 @@ def test_main_trains_and_evaluates_from_local_model_and_sae_folders(saved_tiny, 
     assert results["latents"]["l0"] > 0
 
 
+def test_eval_only_on_a_file_of_held_out_pairs_needs_no_training_pairs(saved_tiny, tmp_path):
+    common = ["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+              "--device", "cpu", "--multipliers", "0", "1", "--n-generations", "0", "--out-dir", str(tmp_path / "runs")]
+    yapo.main(common + ["--epochs", "1"])
+    (run,) = (tmp_path / "runs").iterdir()
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [row(behavior="power_seeking", i=i, split="test")
+                                                         for i in range(5)])
+    results = yapo.main(common + ["--data", str(held_out), "--eval-only", "--vector", str(run / "vector.safetensors")])
+    assert results["test_pairs"] == 5 and len(results["eval"]["rows"]) == 2
+
+
+def test_main_builds_caa_and_sas_vectors_and_evaluates_them_like_trained_ones(saved_tiny, tmp_path):
+    common = ["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+              "--device", "cpu", "--multipliers", "0", "1", "--n-generations", "0", "--sas-tau", "0.1"]
+    for mode in ("caa", "sas"):
+        out = tmp_path / mode
+        results = yapo.main(common + ["--mode", mode, "--out-dir", str(out)] + ["--top-k", "8"] * (mode == "sas"))
+        (run,) = out.iterdir()
+        assert results["train"] == [] and len(results["eval"]["rows"]) == 2
+        again = yapo.main(common + ["--mode", mode, "--out-dir", str(out), "--eval-only",
+                                    "--vector", str(run / "vector.safetensors")])
+        assert again["eval"]["rows"] == results["eval"]["rows"] if mode == "caa" else again["eval"]["rows"]
+
+
+def test_main_exports_a_sparse_vector_with_its_fidelity(saved_tiny, tmp_path):
+    results = yapo.main(["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+                         "--device", "cpu", "--epochs", "1", "--lam", "8", "--multipliers", "0", "1",
+                         "--n-generations", "0", "--out-dir", str(tmp_path / "runs"),
+                         "--export-gguf", str(tmp_path / "v.gguf"), "--export-multiplier", "-1"])
+    _, _, _, tensors = read_gguf(tmp_path / "v.gguf")
+    (run,) = (tmp_path / "runs").iterdir()
+    saved = json.loads((run / "results.json").read_text())["export"]
+    assert saved == results["export"] and saved["multiplier"] == -1.0 and saved["relative_error"] >= 0
+    assert list(tensors) == [f"direction.{LAYER}"]
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
 def run_cli(*argv, cwd):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, str(ROOT / "yapo.py"), *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_tiny_end_to_end_then_eval_only_and_top_k(tmp_path):
-    common = ["--tiny", "--data", str(DATA), "--out-dir", str(tmp_path), "--n-generations", "1", "--max-new-tokens", "4"]
-    first = run_cli("--behavior", "wealth_seeking", "--epochs", "2", *common, cwd=tmp_path)
+def test_cli_tiny_culture_run_prints_the_papers_metrics_then_eval_only_top_k_and_refusal(tmp_path):
+    common = ["--tiny", "--data", str(DATA), "--out-dir", str(tmp_path), "--n-generations", "0",
+              "--max-new-tokens", "4", "--behavior", "culture_egypt", "--format", "mcq"]
+    first = run_cli("--epochs", "2", *common, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "RANDOM model" in first.stdout and "multiplier" in first.stdout
+    assert "toy" in first.stdout and re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", first.stdout)
     (run,) = tmp_path.iterdir()
     results = json.loads((run / "results.json").read_text())
     assert [r["multiplier"] for r in results["eval"]["rows"]] == [-2.0, -1.0, 0.0, 1.0, 2.0]
-    assert len(results["train"]) == 2 * math.ceil(37 / 4) and results["args"]["behavior"] == "wealth_seeking"
+    assert all({"rca", "pnlg", "per_country"} <= set(r["mcq"]) for r in results["eval"]["rows"])
+    assert results["args"]["lam"] == float(yapo.TINY_DEFAULTS["lam"])
 
-    second = run_cli("--behavior", "wealth_seeking", "--eval-only", "--vector", str(run / "vector.safetensors"),
-                     "--top-k", "8", "--multipliers", "0", "1", *common, cwd=tmp_path)
+    second = run_cli("--eval-only", "--vector", str(run / "vector.safetensors"), "--top-k", "8",
+                     "--multipliers", "0", "1", *common, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "top 8 latents" in second.stdout
     runs = sorted(tmp_path.iterdir())
     assert len(runs) == 2 and (run / "vector.safetensors").is_file()  # a new folder; the first run is untouched
 
-    bad = run_cli("--behavior", "wealth_seeking", "--eval-only", "--vector", str(run / "vector.safetensors"),
-                  "--mode", "dense", *common, cwd=tmp_path)
+    bad = run_cli("--eval-only", "--vector", str(run / "vector.safetensors"), "--mode", "dense", *common, cwd=tmp_path)
     assert bad.returncode != 0 and "error:" in bad.stderr and "mode: saved 'sparse', in use 'dense'" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert sorted(tmp_path.iterdir()) == runs  # the refused run wrote nothing
@@ -723,7 +1246,7 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     text = notebook_text(nb)
 
-    assert "YAPO_TINY=1 -> random model" in text
+    assert "YAPO_TINY=1 -> CONFIG = 'tiny'" in text
     # Eq. 3: the one-decode form equals Eq. 3 as written, v = 0 is exact, the hook matches yapo.steer
     diff, scale = map(float, re.search(rf"one-decode vs two-decode form: max \|diff\| = {NUMBER}  "
                                        rf"\(max \|h\| = {NUMBER}\)", text).groups())
@@ -742,7 +1265,7 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     assert last < first
     table = next(o.text for c in nb.cells for o in c.get("outputs", [])
                  if o.output_type == "stream" and "multiplier  behavior  accuracy  drift KL" in o.text)
-    rows = [list(map(float, r)) for r in re.findall(rf"^\s*{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", table, re.M)]
+    rows = [list(map(float, r)) for r in re.findall(rf"^\s*{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}(?=\s|$)", table, re.M)]
     assert len(rows) >= 3 and rows[-1][1] > rows[0][1]
     assert next(r for r in rows if r[0] == 0.0)[3] == 0.0         # no drift without steering
     # sparsity: v uses only latents that fire on the training data
@@ -754,66 +1277,13 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     # every plot was drawn
     pngs = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert pngs >= 5
-
-# ---------------------------------------------------------------------------------------------- benchmarks/
-# Each benchmark script runs in --quick mode and must write a JSON with every field it documents
-# (the values are timings and scores of random models, so only their presence is checked).
-
-BENCHMARK_KEYS = {
-    "bench_train_step.py": {
-        "top": ["benchmark", "quick", "shapes", "machine", "measured", "variants", "ratios", "targets",
-                "b_c_loss_max_abs_difference", "reported_in_issue", "note"],
-        "variants": ["a_floor", "b_yapo", "c_naive"],
-        "per_variant": ["median_step_s", "median_cpu_s", "step_s", "peak_growth_mb", "peak_rss_mb",
-                        "baseline_rss_mb", "losses_first_round"],
-        "ratios": ["b_over_a", "c_over_b"],
-    },
-    "bench_generate.py": {
-        "top": ["benchmark", "quick", "shapes", "machine", "measured", "unsteered_ms_per_token", "variants",
-                "target", "note"],
-        "variants": ["unsteered", "dense", "sparse full", "sparse top-64"],
-        "per_variant": ["median_s", "tokens_per_s", "relative_to_unsteered", "seconds", "hook_us_per_token",
-                        "hook_share_of_token_time"],
-    },
-    "bench_pruning.py": {
-        "top": ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"],
-        "rows": ["k", "latents", "norm_share", "score_minus_1", "score_0", "score_plus_1", "effect",
-                 "share_of_effect", "drift_kl_plus_1"],
-        "ks": ["8", "32", "128", "all (512)"],
-    },
-    "bench_convergence.py": {
-        "top": ["benchmark", "quick", "shapes", "machine", "decoder_row_norm", "summary", "curves", "png", "note"],
-        "summary": ["size", "method", "steps_to_loss_below_0.5", "steps_to_loss_below_0.1", "steps_to_accuracy_1",
-                    "min_loss", "last_epoch_loss", "seconds_per_run"],
-        "spread": ["mean", "std", "reached", "per_seed"],
-    },
-}
+    assert text.count("not solved yet") >= 2          # the exercises check themselves, unsolved included
 
 
-@pytest.mark.parametrize("script", sorted(BENCHMARK_KEYS))
-def test_benchmark_quick_mode_writes_every_field(script, tmp_path):
-    out = tmp_path / "x.json"
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
-    keys = BENCHMARK_KEYS[script]
-    assert set(keys["top"]) <= set(data) and data["quick"] is True
-    if "variants" in keys:
-        assert set(data["variants"]) == set(keys["variants"])
-        for v in data["variants"].values():
-            assert set(keys["per_variant"]) <= set(v)
-    if "ratios" in keys:
-        assert set(keys["ratios"]) <= set(data["ratios"])
-    if "rows" in keys:
-        assert [str(r["k"]) for r in data["rows"]] == keys["ks"]
-        assert all(set(keys["rows"]) <= set(r) for r in data["rows"])
-    if "summary" in keys:
-        assert {(s["size"], s["method"]) for s in data["summary"]} == {(size, m) for size in ("tiny", "small")
-                                                                       for m in ("YaPO", "BiPO")}
-        for s in data["summary"]:
-            assert set(keys["summary"]) <= set(s)
-            assert set(keys["spread"]) <= set(s["steps_to_loss_below_0.1"]) and len(s["min_loss"]["per_seed"]) == 3
-        assert (tmp_path / "convergence.png").stat().st_size > 0
-    assert "random" in data["note"].lower()
+def test_notebook_creates_every_tensor_on_the_models_device():
+    """The tiny run is CPU-only and cannot see a tensor left on the CPU beside a CUDA model, so read the code."""
+    nb = json.loads((ROOT / "tutorial.ipynb").read_text(encoding="utf-8"))
+    for cell in (c for c in nb["cells"] if c["cell_type"] == "code"):
+        for line in "".join(cell["source"]).splitlines():
+            if re.search(r"torch\.(randn|rand|randint|zeros|ones|full|empty|arange|linspace|tensor)\(", line):
+                assert "device=" in line or ".to(model.device)" in line, line

@@ -1,24 +1,36 @@
 """
 YaPO: steering vectors learned from preference pairs in the latent space of a sparse autoencoder.
 
-One file: data -> the steering hook (Eq. 3) -> log-probs -> the bidirectional loss (Eq. 4) ->
-training loop -> evaluation -> main. Read it top to bottom next to the paper.
+One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-probs -> the loss (Eq. 4) ->
+training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6,
+PNLG Eq. 5) -> saving and export -> models and SAEs -> main. The offline stand-ins come last.
 
-    python yapo.py --tiny --behavior power_seeking   # offline: random tiny Gemma-2 + random SAE, < 1 min on CPU
-    python yapo.py --behavior power_seeking          # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
-    python yapo.py --behavior power_seeking --eval-only --vector runs/<run>/vector.safetensors
-    python yapo.py --mode dense ...                  # the BiPO baseline: a dense vector in the residual stream
+    python yapo.py --tiny --behavior power_seeking          # offline, a tiny Gemma-2 and SAE trained here, ~1 min
+    python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics on the sample culture data
+    python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
+    python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
+    python yapo.py --preset cpu --behavior power_seeking     # Gemma-3-270m-it + Gemma Scope 2, on a laptop CPU
+    python yapo.py --mode dense|caa|sas ...                  # the baselines: BiPO, CAA, SAS
+    python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--export-gguf v.gguf]
 
 Each run writes runs/<behavior>_<mode>_<time>/ with vector.safetensors (saved every epoch) and results.json.
 
-Deliberately left out: multi-GPU and quantised models, steering several layers at once, sampling-based
-evaluation with an LLM judge, and benchmark suites such as MMLU (the README shows how to run an external
-harness with the hook attached).
+Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for
+open-ended answers (their generations are written out for one), and benchmark suites such as MMLU (the
+README shows how to run an external harness with the hook attached).
+
+References
+  YaPO   Yet another Policy Optimization: sparse steering in SAE latent space (2026), arXiv 2601.08441;
+         code github.com/MBZUAI-Paris/YaPO
+  BiPO   Cao et al., Personalized Steering of LLMs via Bi-directional Preference Optimization (NeurIPS 2024)
+  DPO    Rafailov et al., Direct Preference Optimization (NeurIPS 2023)
+  CAA    Panickssery (Rimsky) et al., Steering Llama 2 via Contrastive Activation Addition (ACL 2024)
+  SAS    Bayat et al., Steering Large Language Model Activations in Sparse Spaces (2025), arXiv 2503.00177
+  Gemma Scope   Lieberum et al. (2024), open SAEs for Gemma 2; sae-lens: github.com/jbloomAus/SAELens
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -27,15 +39,18 @@ import random
 import re
 import sys
 import time
+from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -43,74 +58,81 @@ from sae_lens.saes.sae import SAEMetadata
 FORMAT_VERSION = "yapo-vector/1"
 
 
-def arg(default, help, choices=None):
-    """A dataclass field that also becomes a command-line flag (see parse_args)."""
-    meta = {"help": help, "choices": choices}
+def arg(default, help):
+    """A dataclass field whose help text becomes the flag's --help line (HfArgumentParser reads metadata)."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Args:
     # what to steer
-    behavior: str = arg("power_seeking", "which rows of --data to use (their `behavior` field)")
-    data: str = arg("data_sample.jsonl", "preference pairs, .jsonl or .csv (see README: data format)")
+    behavior: str = arg("power_seeking", "which rows of --data to use (their `behavior` field; rows without one always)")
+    data: str = arg("data_sample.jsonl", ".jsonl/.csv file, a folder saved by `datasets`, or a hub dataset id")
+    format: Literal["any", "mcq", "open"] = arg("any", "keep MCQ rows, open-ended rows, or both (README: data format)")
+    country: str = arg("", "keep rows of this `country` only (empty: all)")
+    localization: Literal["both", "localized", "nolocalized"] = arg("both", "keep rows whose prompt names the country, "
+                                                                    "rows that leave it implicit, or both")
     model: str = arg("google/gemma-2-2b-it", "hub id or local folder of a causal LM with model.model.layers")
     sae: str = arg("gemma-scope-2b-pt-res", "sae-lens release name, or a local folder written by sae.save_model")
     sae_id: str = arg("layer_15/width_65k/average_l0_68", "SAE id inside the release (ignored for a folder)")
     layer: int = arg(15, "steer the residual stream after this decoder layer (the SAE's blocks.L.hook_resid_post)")
-    mode: str = arg("sparse", "sparse = YaPO (Eq. 3, v in SAE latents); dense = BiPO (h + d*lam*v)", ["sparse", "dense"])
-    tiny: bool = arg(False, "offline: random tiny Gemma-2, tokenizer and SAE built on the spot (layer 2 of 4)")
+    mode: Literal["sparse", "dense", "caa", "sas"] = arg("sparse", "sparse = YaPO (Eq. 3); dense = BiPO; caa, sas = "
+                                                         "mean-difference baselines, no training")
+    preset: Literal["", "paper-2b", "paper-9b", "cpu"] = arg("", "the paper's setups, or a real model on a CPU; "
+                                                             "explicit flags win (see PRESETS)")
+    tiny: bool = arg(False, "offline: a tiny Gemma-2, tokenizer and SAE trained here for ~15 s on the training pairs "
+                            "(layer 2 of 4; sets lam 8, lr 0.02, 8 epochs, 10 warm-up steps unless given)")
     # the objective (Eq. 4)
-    reference: str = arg("unsteered", "log p_0: the frozen model with steering off, or none", ["unsteered", "none"])
+    reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
-    lam: float = arg(1.0, "lambda: the steering strength during training; the vector is applied as d*lam*v")
-    # optimisation (paper defaults)
+    lam: str = arg("1", "lambda: steering strength, v is applied as d*lam*v; a number, or auto (typical latent size)")
+    authors_scoring: bool = arg(False, "score ' ' + response + <eos> as the authors' trainer does (README: why not)")
+    # optimisation
     lr: float = arg(5e-4, "AdamW learning rate for v")
     epochs: int = arg(20, "passes over the training pairs")
-    batch_size: int = arg(4, "preference pairs per step (each is a chosen and a rejected sequence)")
-    warmup: float = arg(0.1, "fraction of steps with linear warm-up before the cosine decay")
+    batch_size: int = arg(4, "preference pairs per forward; d is drawn once per such micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (the paper: 4 pairs x 8 GPUs = 32 pairs per step)")
+    warmup_steps: int = arg(100, "optimizer steps of linear warm-up before the cosine decay")
+    weight_decay: float = arg(0.0, "AdamW weight decay on v (paper's table 0.05; its trainer ran 0.0)")
     max_grad_norm: float = arg(1.0, "gradient clipping on v")
-    test_fraction: float = arg(0.2, "held-out share of pairs that have no `split` field")
-    seed: int = arg(0, "seed for the split, the batch order, the directions d and the tiny model")
+    test_fraction: float = arg(0.2, "held-out share of pairs (of groups, where rows have a `group`) without `split`")
+    seed: int = arg(0, "seed for the split, the batch order, the directions d, sampling and the tiny model")
+    # on-policy rejected answers
+    resample_rejected: Literal["no", "missing", "all"] = arg("no", "sample y_l from the unsteered model: for rows "
+                                                             "without one, or for every row")
+    sample_temperature: float = arg(1.0, "temperature of those samples")
+    sample_max_tokens: int = arg(64, "length limit of those samples")
+    # baselines
+    sas_tau: float = arg(0.7, "SAS: keep latents active on more than this share of a side's tokens")
     # evaluation
-    multipliers: list = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
+    multipliers: list[float] = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
     top_k: int = arg(0, "evaluate the sparse vector pruned to its top-K latents by |v| (0 = all)")
     n_generations: int = arg(3, "held-out prompts to answer greedily at each multiplier")
     max_new_tokens: int = arg(48, "length of those greedy answers")
+    mcq_generate: bool = arg(False, "also score MCQ rows by a greedy answer parsed for \\boxed{k}, (A) or A")
+    pnlg_alpha: float = arg(1.0, "alpha in PNLG (Eq. 5): the gap is divided by mean performance ** alpha")
     n_top_latents: int = arg(10, "latents to list when interpreting a sparse vector")
     # run
     eval_only: bool = arg(False, "skip training and evaluate --vector")
     vector: str = arg("", "a vector.safetensors to evaluate with --eval-only")
+    export_gguf: str = arg("", "also write the vector as a llama.cpp control vector to this .gguf path")
+    export_multiplier: float = arg(1.0, "m of that file: it holds m*lam*v, sign included (sparse: -m is not -file)")
     out_dir: str = arg("runs", "each run writes a new folder in here")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
 
     def __post_init__(self):
         for f in fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{flag(f.name)} {getattr(self, f.name)!r} is not one of {choices}")
-
-
-def flag(name):
-    return name.replace("_", "-")
-
-
-def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        default = f.default if f.default_factory is MISSING else f.default_factory()
-        kw = {"help": f.metadata["help"], "default": default}
-        if isinstance(default, bool):
-            kw["action"] = "store_true"
-        elif isinstance(default, list):
-            kw.update(nargs="+", type=float)
-        else:
-            kw.update(type=type(default), choices=f.metadata["choices"])
-        p.add_argument("--" + flag(f.name), **kw)
-    return Args(**vars(p.parse_args(argv)))
+            kind = get_type_hints(Args)[f.name]
+            if get_origin(kind) is Literal and getattr(self, f.name) not in get_args(kind):
+                raise ValueError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} "
+                                 f"is not one of {list(get_args(kind))}")
+        if self.lam != "auto":
+            try:
+                self.lam = float(self.lam)
+            except ValueError:
+                raise ValueError(f"--lam {self.lam!r}: give a number or auto") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,63 +143,149 @@ ALIASES = {  # BiPO / CAA column names -> ours
     "matching": "chosen", "answer_matching_behavior": "chosen",
     "not_matching": "rejected", "answer_not_matching_behavior": "rejected",
 }
-REQUIRED = ("prompt", "chosen", "rejected")
+AUTHOR_COLUMNS = {  # the YaPO authors' Deep-Culture-Lense columns, one family per --format
+    "mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),
+    "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended"),
+}
+LABEL = r"[A-J1-9]"  # option labels: letters, or the digits some MCQ sets use
+
+
+def option_labels(prompt):
+    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
+    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
+
+
+def answer_label(text):
+    """The option an answer picks: \\boxed{k}, a leading (A), or a bare label such as 'B' or 'B.'."""
+    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.match(rf"\s*\(({LABEL})\)", text)
+             or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
+    return found.group(1) if found else None
 
 
 def read_rows(path):
-    """Yield (line number, dict) from a .jsonl or .csv file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file")
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix == ".csv":
-            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield i, row
-            return
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}); "
-                                 f"fix or delete that line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object with prompt/chosen/rejected")
-            yield i, row
+    """Yield (where, row): where is 'file:line' for files, 'name[split] row i' for `datasets` data."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, newline="", encoding="utf-8") as f:
+            if p.suffix == ".csv":
+                yield from ((f"{p}:{i}", row) for i, row in enumerate(csv.DictReader(f), start=2))  # 1: header
+                return
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno}); "
+                                     f"fix or delete that line") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{p}:{i}: expected a JSON object with prompt/chosen/rejected")
+                yield f"{p}:{i}", row
+        return
+    if not p.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file, "
+                         f"a folder saved by `datasets`, or a hub dataset id such as MBZUAI-Paris/Deep-Culture-Lense")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {path} is a `datasets` folder or hub id: pip install datasets") from None
+    try:
+        data = datasets.load_from_disk(path) if p.is_dir() else datasets.load_dataset(path)
+    except Exception as e:
+        raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+                         f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
+                         f"Pass a .jsonl file instead, or run with --tiny.") from None
+    for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
+        for i, row in enumerate(part):
+            yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
 
 
-def load_pairs(path, behavior, test_fraction=0.2, seed=0):
-    """Pairs of one behaviour as (train, test) lists of dicts with prompt, chosen, rejected.
+def normalize_row(row, where, args):
+    """One row in our schema: prompt, chosen, rejected (None if absent), country, localized, group, format."""
+    row = {ALIASES.get(k, k): v for k, v in row.items()}
+    if "localization_status" in row:                               # the authors' columns
+        size = "9b" if "9b" in args.model.lower() else "2b"         # their rejected answers come from each model
+        fmt = "mcq" if args.format == "any" else args.format
+        prompt, chosen, rejected = (c.format(size=size) for c in AUTHOR_COLUMNS[fmt])
+        row |= {"prompt": row.get(prompt), "chosen": row.get(chosen), "rejected": row.get(rejected),
+                "localized": row["localization_status"] == "localized", "format": fmt}
+    for key in ("prompt", "chosen"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"{where}: missing or empty field {key!r} (each row needs prompt, chosen, rejected; "
+                             f"question/matching/not_matching and the Deep-Culture-Lense columns also work)")
+    rejected = row.get("rejected")
+    if not (isinstance(rejected, str) and rejected.strip()) and args.resample_rejected == "no":
+        raise ValueError(f"{where}: missing or empty field 'rejected'; add it, or pass --resample-rejected missing "
+                         f"to sample y_l from the model itself, as the paper does")
+    if row.get("split") not in (None, "", "train", "test"):
+        raise ValueError(f"{where}: split is {row['split']!r}; use 'train', 'test' or leave it out")
+    labels = option_labels(row["prompt"])
+    gold = answer_label(row["chosen"])
+    fmt = row.get("format") or ("mcq" if gold in labels and len(labels) > 1 else "open")  # infer A/B items
+    if fmt == "mcq" and (gold not in labels or len(labels) < 2):
+        raise ValueError(f"{where}: an MCQ row whose chosen answer {row['chosen'][:40]!r} names no option of its "
+                         f"prompt (options found: {labels or 'none'}); start it with the label, e.g. '(B) ...'")
+    localized = row.get("localized")
+    if isinstance(localized, str):
+        localized = localized.lower() in ("true", "1", "yes", "localized")
+    country = str(row.get("country") or "").lower()
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected or None,
+            "split": row.get("split") or None, "country": country, "localized": localized, "format": fmt,
+            "group": str(row.get("group") or f"country:{country}"), "where": where}
+
+
+def load_pairs(args, need_train=True):
+    """Pairs of one behaviour as (train, test) lists of dicts, filtered by --format, --country, --localization.
 
     Rows without a `behavior` field belong to every behaviour (BiPO's files hold one behaviour each).
-    Rows without a `split` field are split at random, but always the same way for the same seed.
-    """
-    pairs, seen = [], set()
-    for line, row in read_rows(path):
-        row = {ALIASES.get(k, k): v for k, v in row.items()}
-        seen.add(row.get("behavior") or behavior)
-        if row.get("behavior", behavior) != behavior:
+    Rows without a `split` field are split at random by `group`, the same way for the same seed, so the
+    localized and non-localized forms of one question never end up on both sides."""
+    pairs, seen = [], defaultdict(set)
+    for where, row in read_rows(args.data):
+        if row.get("behavior", args.behavior) != args.behavior:
+            seen["behavior"].add(row["behavior"])
             continue
-        for key in REQUIRED:
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ValueError(f"{path}:{line}: missing or empty field {key!r} "
-                                 f"(each row needs {', '.join(REQUIRED)}; question/matching/not_matching also work)")
-        if row.get("split") not in (None, "", "train", "test"):
-            raise ValueError(f"{path}:{line}: split is {row['split']!r}; use 'train', 'test' or leave it out")
-        pairs.append({k: row[k] for k in REQUIRED} | {"split": row.get("split") or None})
+        p = normalize_row(row, where, args)
+        for key in ("format", "country", "localized"):
+            seen[key].add(str(p[key]))
+        if (args.format in ("any", p["format"]) and args.country.lower() in ("", p["country"])
+                and args.localization in ("both", "localized" if p["localized"] else "nolocalized")):
+            pairs.append(p)
     if not pairs:
-        raise ValueError(f"no pairs for behavior {behavior!r} in {path}; "
-                         f"behaviors there: {sorted(seen) or 'none (the file is empty)'}")
-    unassigned = [p for p in pairs if p["split"] is None]
-    random.Random(seed).shuffle(unassigned)
-    n_test = round(len(unassigned) * test_fraction)
-    for i, p in enumerate(unassigned):
-        p["split"] = "test" if i < n_test else "train"
+        found = "; ".join(f"{k} {sorted(seen[k])}" for k in ("format", "country", "localized") if seen[k])
+        raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
+                         f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
+                         f"{sorted(seen['behavior']) or 'none'}" + (f"; {args.behavior} rows have {found}" if found else ""))
+    groups = defaultdict(list)
+    for p in pairs:
+        groups[p["group"] if p["group"] != "country:" else p["where"]].append(p)
+    if args.localization == "both":
+        for name, members in groups.items():
+            forms = {p["localized"] for p in members}
+            if not name.startswith("country:") and None not in forms and forms != {True, False}:
+                raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
+                                 f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
+                                 f"or keep one form with --localization")
+    unassigned = []
+    for name, members in groups.items():
+        splits = {p["split"] for p in members} - {None}
+        if len(splits) > 1:
+            raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
+                             f"give all of its rows the same split")
+        if splits:
+            for p in members:
+                p["split"] = next(iter(splits))
+        else:
+            unassigned.append(members)
+    random.Random(args.seed).shuffle(unassigned)
+    n_test = round(len(unassigned) * args.test_fraction)
+    for i, members in enumerate(unassigned):
+        for p in members:
+            p["split"] = "test" if i < n_test else "train"
     train = [p for p in pairs if p["split"] == "train"]
     test = [p for p in pairs if p["split"] == "test"]
-    if not train:
-        raise ValueError(f"{path}: behavior {behavior!r} has {len(pairs)} pairs but none for training; "
+    if need_train and not train:
+        raise ValueError(f"{args.data}: {len(pairs)} pairs for {args.behavior!r} but none for training; "
                          f"lower --test-fraction or mark some rows split='train'")
     return train, test
 
@@ -189,28 +297,39 @@ def chat_prompt(tok, prompt):
                                    add_generation_prompt=True)
 
 
-def tokenize_pair(tok, pair):
+def response_ids(tok, text, authors_scoring=False):
+    """Token ids of a response. The authors' trainer scores ' ' + text + <eos>; plain scoring keeps the text."""
+    ids = tok((" " + text) if authors_scoring else text, add_special_tokens=False)["input_ids"]
+    return ids + [tok.eos_token_id] if authors_scoring else ids
+
+
+def tokenize_pair(tok, pair, authors_scoring=False):
     """Token ids of x, y_w and y_l, tokenized separately so the scored ids are exactly the response's
     (tokenizing prompt+response as one string could merge tokens across the boundary)."""
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # the template already has <bos>
-    return ids(chat_prompt(tok, pair["prompt"])), ids(pair["chosen"]), ids(pair["rejected"])
+    prompt = tok(chat_prompt(tok, pair["prompt"]), add_special_tokens=False)["input_ids"]  # the template has <bos>
+    return (prompt, response_ids(tok, pair["chosen"], authors_scoring),
+            response_ids(tok, pair["rejected"], authors_scoring))
 
 
 def collate(examples, pad_id, device):
-    """Chosen and rejected sequences of a batch, stacked for one forward: rows [0, B) are x+y_w,
-    rows [B, 2B) are x+y_l. Right-padded, so padding never changes the tokens before it."""
-    seqs = [p + w for p, w, _ in examples] + [p + l for p, _, l in examples]
-    prompt_lens = [len(p) for p, _, _ in examples] * 2
+    """(prompt ids, response ids) pairs -> one right-padded batch (padding never changes the tokens before it)."""
+    seqs = [p + r for p, r in examples]
     T = max(map(len, seqs))
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(seqs), T, dtype=torch.long)
     response_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
+    for i, (s, (p, _)) in enumerate(zip(seqs, examples)):
         input_ids[i, :len(s)] = torch.tensor(s)
         attention_mask[i, :len(s)] = 1
-        response_mask[i, n:len(s)] = True
+        response_mask[i, len(p):len(s)] = True
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "response_mask": response_mask.to(device), "prompt_lens": torch.tensor(prompt_lens, device=device)}
+            "response_mask": response_mask.to(device),
+            "prompt_lens": torch.tensor([len(p) for p, _ in examples], device=device)}
+
+
+def collate_pairs(tokenized, pad_id, device):
+    """Chosen and rejected sequences of B pairs in one batch: rows [0, B) are x+y_w, rows [B, 2B) are x+y_l."""
+    return collate([(p, w) for p, w, _ in tokenized] + [(p, l) for p, _, l in tokenized], pad_id, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,11 +342,11 @@ def steer(h, v, coeff, sae=None):
     coeff = d*lam (training) or m*lam (evaluation). v stays float32; the result has h's dtype."""
     if coeff == 0:
         return h
-    if sae is None:                                              # BiPO: h' = h + d*lam*v
+    if sae is None:                                              # BiPO / CAA: h' = h + d*lam*v
         return h + (coeff * v).to(h.dtype)
     z = sae.encode(h)                                            # [B, T, d_sae], z >= 0
     z_steered = torch.relu(z + coeff * v)                        # <- YaPO: shift the latents, stay non-negative
-                                                                 #    (float32 at least: v's dtype wins over bf16)
+                                                                 #    (float32: v's dtype wins over bf16)
     delta = (z_steered - z).to(sae.W_dec.dtype) @ sae.W_dec      # <- Eq. 3 with the residual correction folded in
     return h + delta.to(h.dtype)                                 # [B, T, d_model]
 
@@ -251,26 +370,18 @@ def steering(model, layer, v, coeff, sae=None):
         handle.remove()
 
 
-def restrict_sae(sae, latents):
-    """The same SAE with only `latents` kept: W_enc[:, S], b_enc[S], threshold[S], W_dec[S].
-    Exact for SAEs whose activation acts on each latent alone (ReLU, JumpReLU, gated): those latents get
-    the same z as in the full SAE, and latents where v = 0 contribute ReLU(z) - z = 0 to Eq. 3 anyway."""
-    if sae.cfg.architecture() not in ("standard", "jumprelu", "gated"):
-        raise ValueError(f"--top-k needs an SAE whose activation acts latent by latent; "
-                         f"this one is {sae.cfg.architecture()!r}: evaluate without --top-k")
-    cfg = type(sae.cfg).from_dict(sae.cfg.to_dict() | {"d_sae": len(latents)})
-    small = type(sae)(cfg)
-    state = {name: (p[:, latents] if name == "W_enc" else p[latents] if p.shape[0] == sae.cfg.d_sae else p)
-             for name, p in sae.state_dict().items()}
-    small.load_state_dict(state)
-    return small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-
-
-def prune(v, sae, k):
-    """Keep the k largest |v_i|: returns (v restricted to them, the SAE restricted to them), so the hook
-    encodes and decodes k latents instead of d_sae."""
-    latents = v.abs().topk(min(k, v.numel())).indices.sort().values
-    return v[latents].detach().clone(), restrict_sae(sae, latents)
+def residual_stream(model, layer, input_ids, attention_mask=None):
+    """h at the output of decoder layer `layer` (with any steering hook already on it): [B, T, d_model]."""
+    captured = {}
+    def hook(module, inputs, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    return captured["h"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,21 +396,18 @@ def lm_head_logits(model, h):
 
 
 def sequence_logprobs(model, batch):
-    """Returns (log p(y|x) per row [N], log p(next token | x) at the end of each prompt [N, V]).
+    """log p(y|x) per row [N], summed over the response tokens.
 
     The LM head runs only on the hidden states that predict a response token, gathered into one
     [n_tokens, d_model] matrix: with Gemma's 256k vocabulary every other row of logits would cost more
     time and memory than the whole rest of the step."""
     ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    N = len(ids)
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state      # [N, T, d_model]
     predicts = response[:, 1:]                                      # position t predicts token t+1: [N, T-1]
     logits = lm_head_logits(model, hidden[:, :-1][predicts]).float()                # [n_tokens, V]
     token_logp = -F.cross_entropy(logits, ids[:, 1:][predicts], reduction="none")   # [n_tokens]
-    seq_logp = torch.zeros(N, device=ids.device).index_add(0, predicts.nonzero()[:, 0], token_logp)
-    last_prompt = hidden[torch.arange(N, device=ids.device), batch["prompt_lens"] - 1]   # [N, d_model]
-    next_logp = lm_head_logits(model, last_prompt).float().log_softmax(-1)                 # [N, V]
-    return seq_logp, next_logp
+    # boolean indexing walks row-major, so nonzero()'s row ids line up with token_logp one for one
+    return torch.zeros(len(ids), device=ids.device).index_add(0, predicts.nonzero()[:, 0], token_logp)
 
 
 @torch.no_grad()
@@ -309,7 +417,7 @@ def reference_logprobs(model, tokenized, batch_size, pad_id, device):
     ref_w, ref_l = [], []
     for i in range(0, len(tokenized), batch_size):
         chunk = tokenized[i:i + batch_size]
-        logp, _ = sequence_logprobs(model, collate(chunk, pad_id, device))
+        logp = sequence_logprobs(model, collate_pairs(chunk, pad_id, device))
         ref_w.append(logp[:len(chunk)])
         ref_l.append(logp[len(chunk):])
     return torch.cat(ref_w), torch.cat(ref_l)
@@ -331,28 +439,35 @@ def yapo_loss(logp_w, logp_l, ref_w, ref_l, d, beta):
 def preference_loss(model, sae, v, batch, ref_w, ref_l, d, args):
     """Eq. 4 for one batch: chosen and rejected in one forward, steered with d*lam*v."""
     with steering(model, args.layer, v, d * args.lam, sae):
-        logp, _ = sequence_logprobs(model, batch)                 # [2B]: chosen rows, then rejected rows
+        logp = sequence_logprobs(model, batch)                    # [2B]: chosen rows, then rejected rows
     B = len(ref_w)
     return yapo_loss(logp[:B], logp[B:], ref_w, ref_l, d, args.beta)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training loop (Algorithm 1): only v trains; the LLM and the SAE stay frozen.
+# Training (Algorithm 1): only v trains; the LLM and the SAE stay frozen.
 
-def cosine_with_warmup(step, total, warmup_steps):
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * progress))
+@torch.no_grad()
+def auto_lam(model, tok, sae, pairs, args):
+    """--lam auto: one typical size of what v moves, so that lr-sized steps in v matter at any activation
+    scale. Sparse: the median active latent on the training prompts; dense: median ||h|| / sqrt(d_model)."""
+    prompts = [tok(chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"] for p in pairs[:64]]
+    batch = collate([(p, []) for p in prompts], tok.pad_token_id, model.device)
+    h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
+    h = h[batch["attention_mask"].bool()][:, None].float()           # [n_tokens, 1, d_model]
+    if sae is None:
+        return (h.norm(dim=-1).median() / math.sqrt(h.shape[-1])).item()
+    z = sae.encode(h.to(sae.W_dec.dtype)).float()
+    return z[z > 0].median().item()
 
 
 def train(model, tok, sae, pairs, args, save_to=None):
-    """Learn v on `pairs`. sae=None trains the dense BiPO vector. Returns (v, history of per-step dicts)."""
+    """Learn v on `pairs`. sae=None trains the dense BiPO vector. Returns (v, history of per-batch dicts)."""
     device = model.device
     model.requires_grad_(False).eval()
     if sae is not None:
         sae.requires_grad_(False)
-    tokenized = [tokenize_pair(tok, p) for p in pairs]
+    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     n = len(tokenized)
     if args.reference == "unsteered":
         ref_w, ref_l = reference_logprobs(model, tokenized, args.batch_size, tok.pad_token_id, device)
@@ -361,34 +476,34 @@ def train(model, tok, sae, pairs, args, save_to=None):
 
     size = sae.cfg.d_sae if sae is not None else model.config.hidden_size
     v = torch.zeros(size, device=device, dtype=torch.float32, requires_grad=True)   # v = 0: start unsteered
-    opt = torch.optim.AdamW([v], lr=args.lr)
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, total, max(1, round(args.warmup * total))))
+    opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
+    batches_per_epoch = math.ceil(n / args.batch_size)
+    total = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
+    sched = get_cosine_schedule_with_warmup(opt, min(args.warmup_steps, total), total)
     gen = torch.Generator().manual_seed(args.seed)                # batch order and directions d
 
-    history, bar = [], tqdm(total=total, desc=f"train {args.mode}")
+    history, step, bar = [], 0, tqdm(total=total, desc=f"train {args.mode}")
     for epoch in range(args.epochs):
         order = torch.randperm(n, generator=gen).tolist()
-        for start in range(0, n, args.batch_size):
-            idx = order[start:start + args.batch_size]
-            d = 1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0     # <- d ~ U{-1, +1}, once per batch
-            batch = collate([tokenized[i] for i in idx], tok.pad_token_id, device)
-            loss, margin = preference_loss(model, sae, v, batch, ref_w[idx], ref_l[idx], d, args)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch}, step {len(history)}: training stopped. "
-                    f"Lower --lr or --lam; the last vector saved at the end of an epoch is kept")
-            loss.backward()
+        batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+        for group in (batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)):
+            for idx in group:                                     # micro-batches of one optimizer step
+                d = 1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0   # <- d ~ U{-1, +1} per batch
+                batch = collate_pairs([tokenized[i] for i in idx], tok.pad_token_id, device)
+                loss, margin = preference_loss(model, sae, v, batch, ref_w[idx], ref_l[idx], d, args)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. "
+                        f"Lower --lr or --lam; the last vector saved at the end of an epoch is kept")
+                (loss * len(idx) / sum(map(len, group))).backward()   # the step's mean over its pairs
+                history.append({"step": step, "epoch": epoch, "d": d, "loss": loss.item(),
+                                "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()})
             torch.nn.utils.clip_grad_norm_([v], args.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            history.append({"step": len(history), "epoch": epoch, "d": d, "loss": loss.item(),
-                            "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()})
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{history[-1]['accuracy']:.2f}",
-                            margin=f"{history[-1]['margin']:.2f}")
+            step += 1
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.2f}")
             bar.update()
         if save_to is not None:
             save_vector(save_to, v, args, sae)
@@ -397,8 +512,256 @@ def train(model, tok, sae, pairs, args, save_to=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Saving and loading: safetensors with metadata, checked on load (a vector only means something for the
-# model, layer, SAE and mode it was trained with).
+# The untrained baselines: mean differences of activations between chosen and rejected answers.
+#   CAA (dense):  v = mean over pairs of h(x+y_w) - h(x+y_l)
+#   SAS (sparse): the same in SAE latents, keeping only latents frequent on one side alone (SAS steps 3-6)
+
+def contrast_positions(tok, pair, response, prompt_len, authors_scoring=False):
+    """Where a baseline reads h: on an MCQ answer, the token that carries the option label (CAA reads the
+    letter of '(A)'); on an open answer no single token decides, so every response token (the mean)."""
+    ids = response_ids(tok, response, authors_scoring)
+    if pair["format"] != "mcq":
+        return list(range(prompt_len, prompt_len + len(ids)))
+    label_char = (" " * authors_scoring + response).index(answer_label(response))
+    first = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) > label_char)
+    return [prompt_len + first - 1]
+
+
+@torch.no_grad()
+def contrast_activations(model, tok, sae, pairs, args):
+    """For y_w and y_l of each pair, h (sae=None) or Enc(h) at the read positions: two lists of
+    [n_positions, d] float32 tensors, one entry per pair."""
+    reads = {"w": [], "l": []}
+    for p in pairs:
+        prompt = tok(chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
+        for side, text in (("w", p["chosen"]), ("l", p["rejected"])):
+            ids = prompt + response_ids(tok, text, args.authors_scoring)
+            h = residual_stream(model, args.layer, torch.tensor([ids], device=model.device))[0]
+            h = h[contrast_positions(tok, p, text, len(prompt), args.authors_scoring)]     # [n_pos, d_model]
+            reads[side].append((sae.encode(h) if sae is not None else h).float())
+    return reads["w"], reads["l"]
+
+
+def caa_vector(model, tok, pairs, args):
+    """CAA: the mean over pairs of the difference of the residual stream, chosen minus rejected: [d_model]."""
+    w, l = contrast_activations(model, tok, None, pairs, args)
+    return torch.stack([a.mean(0) - b.mean(0) for a, b in zip(w, l)]).mean(0)      # <- CAA
+
+
+def sas_from_codes(codes_w, codes_l, tau):
+    """SAS from per-token latents [n_tokens, d_sae] of each side: each side's mean, kept only on latents
+    active on more than tau of that side's tokens and not also on the other's; then their difference."""
+    frequent_w = (codes_w > 0).float().mean(0) > tau                                  # [d_sae]
+    frequent_l = (codes_l > 0).float().mean(0) > tau
+    return codes_w.mean(0) * (frequent_w & ~frequent_l) - codes_l.mean(0) * (frequent_l & ~frequent_w)  # <- SAS
+
+
+def sas_vector(model, tok, sae, pairs, args):
+    """SAS (Bayat et al. 2025, its steps 2-6) on the same read positions as CAA: [d_sae]."""
+    w, l = contrast_activations(model, tok, sae, pairs, args)
+    v = sas_from_codes(torch.cat(w), torch.cat(l), args.sas_tau)
+    if not v.any():
+        raise ValueError(f"SAS kept no latent: none is active on more than --sas-tau {args.sas_tau} of one side's "
+                         f"tokens alone; lower --sas-tau")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation on held-out pairs, for a sweep of multipliers m (steering with m*lam*v).
+# sigma(log p(y_w|x) - log p(y_l|x)) on summed log-probs favours the shorter answer whatever the
+# steering does; the MCQ metrics avoid that by comparing option labels of equal length.
+
+@torch.no_grad()
+def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
+    """Greedy (temperature 0) or seeded sampled answer to one prompt."""
+    ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id, **sample)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def sample_rejected(model, tok, pairs, args):
+    """On-policy y_l, as in the paper: the unsteered model's own sampled answer, seeded per row."""
+    for i, p in enumerate(pairs):
+        if p["rejected"] is None or args.resample_rejected == "all":
+            for attempt in range(5):                              # a sample may be empty (an immediate <eos>)
+                p["rejected"] = generate(model, tok, p["prompt"], args.sample_max_tokens,
+                                         args.sample_temperature, seed=args.seed * 100003 + i * 7 + attempt)
+                if p["rejected"]:
+                    break
+            else:
+                raise ValueError(f"{p['where']}: five samples in a row were empty; raise --sample-temperature")
+    return pairs
+
+
+def pair_logprobs(model, tok, pairs, args):
+    """log p(y_w|x) and log p(y_l|x) of every pair: two [n] tensors."""
+    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
+    out = []
+    for i in range(0, len(tokenized), args.batch_size):
+        logp = sequence_logprobs(model, collate_pairs(tokenized[i:i + args.batch_size], tok.pad_token_id,
+                                                      model.device))
+        out.append(logp.view(2, -1))
+    return torch.cat(out, dim=1)
+
+
+def next_token_logprobs(model, tok, prompts, batch_size):
+    """log p(next token | x) right after each chat prompt: [n, V] (for the drift metric)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        batch = collate([(p, []) for p in chunk], tok.pad_token_id, model.device)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        last = hidden[torch.arange(len(chunk), device=model.device), batch["prompt_lens"] - 1]
+        out.append(lm_head_logits(model, last).float().log_softmax(-1))
+    return torch.cat(out)
+
+
+def drift_kl(steered_logp, base_logp):
+    """KL(steered || unsteered) per row of two [n, V] log-distributions: what steering costs elsewhere."""
+    return (steered_logp.exp() * (steered_logp - base_logp)).sum(-1)
+
+
+def mcq_choices(model, tok, pairs, args):
+    """The option each MCQ pair's model picks: the label (written as its chosen answer writes it, e.g. '(B)')
+    with the highest log-probability right after the prompt. Cheap and deterministic."""
+    picks = []
+    for p in pairs:
+        labels, gold = option_labels(p["prompt"]), answer_label(p["chosen"])
+        form = p["chosen"].strip()
+        form = re.search(rf"\\boxed\{{\s*\(?{gold}\)?\s*\}}", form) or re.match(rf"\(?{gold}\)?", form)
+        prompt = tok(chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
+        options = [(prompt, response_ids(tok, form.group(0).replace(gold, k), False)) for k in labels]
+        picks.append(labels[sequence_logprobs(model, collate(options, tok.pad_token_id, model.device)).argmax()])
+    return picks
+
+
+def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
+    """MCQ accuracy overall and per form; over the groups that have both forms, with p_loc / p_non a group's
+    mean score on its localized / non-localized rows and p_bar their mean:
+      RCA  (Eq. 6) = mean over groups of the harmonic mean 2 p_loc p_non / (p_loc + p_non)
+      PNLG (Eq. 5) = mean over groups of (p_loc - p_non) / (p_bar ** alpha + eps)"""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    out = {"accuracy": mean(correct), "n": len(correct),
+           "accuracy_localized": mean([c for p, c in zip(pairs, correct) if p["localized"] is True]),
+           "accuracy_nonlocalized": mean([c for p, c in zip(pairs, correct) if p["localized"] is False])}
+    forms = defaultdict(lambda: {True: [], False: []})
+    for p, c in zip(pairs, correct):
+        if p["localized"] is not None:
+            forms[p["group"]][p["localized"]].append(c)
+    both = [(mean(f[True]), mean(f[False])) for f in forms.values() if f[True] and f[False]]
+    if both:
+        out["rca"] = mean([2 * a * b / (a + b) if a + b else 0.0 for a, b in both])          # <- Eq. 6
+        out["pnlg"] = mean([(a - b) / (((a + b) / 2) ** alpha + eps) for a, b in both])    # <- Eq. 5
+        out["groups"] = len(both)
+    return out
+
+
+def mcq_metrics(pairs, picks, args):
+    """culture_metrics for all MCQ pairs, and per country where pairs have one."""
+    correct = [float(k == answer_label(p["chosen"])) for p, k in zip(pairs, picks)]
+    out = culture_metrics(pairs, correct, args.pnlg_alpha)
+    countries = sorted({p["country"] for p in pairs} - {""})
+    if countries:
+        out["per_country"] = {c: culture_metrics([p for p in pairs if p["country"] == c],
+                                                 [x for p, x in zip(pairs, correct) if p["country"] == c],
+                                                 args.pnlg_alpha) for c in countries}
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tok, sae, v, pairs, args):
+    """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
+    pairs with log p(y_w|x) > log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
+    distribution after each prompt; for MCQ pairs the paper's metrics (mcq_metrics). Plus greedy answers
+    for the first --n-generations prompts and for every open-ended pair that has a country."""
+    mcq = [p for p in pairs if p["format"] == "mcq"]
+    speak = [p for i, p in enumerate(pairs) if i < args.n_generations or (p["format"] == "open" and p["country"])]
+    base_next = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
+    rows, generations = [], []
+    for m in args.multipliers:
+        with steering(model, args.layer, v, m * args.lam, sae):
+            logp_w, logp_l = pair_logprobs(model, tok, pairs, args)
+            next_logp = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
+            row = {"multiplier": m, "behavior_score": torch.sigmoid(logp_w - logp_l).mean().item(),
+                   "accuracy": (logp_w > logp_l).float().mean().item(),
+                   "drift_kl": drift_kl(next_logp, base_next).mean().item()}
+            if mcq:
+                row["mcq"] = mcq_metrics(mcq, mcq_choices(model, tok, mcq, args), args)
+            answers = {id(p): generate(model, tok, p["prompt"], args.max_new_tokens)
+                       for p in speak + (mcq if args.mcq_generate else [])}
+            if mcq and args.mcq_generate:
+                said = [answer_label(answers[id(p)]) or (re.findall(rf"\(({LABEL})\)", answers[id(p)]) or [None])[0]
+                        for p in mcq]
+                row["mcq_generate"] = mcq_metrics(mcq, said, args) | {"unparseable": said.count(None)}
+        rows.append(row)
+        generations += [{"prompt": p["prompt"], "multiplier": m, "answer": answers[id(p)], "country": p["country"],
+                         "localized": p["localized"], "format": p["format"]} for p in speak]
+    return {"rows": rows, "generations": generations}
+
+
+def print_table(rows):
+    mcq = any("mcq" in r for r in rows)
+    print(f"{'multiplier':>10} {'behavior':>9} {'accuracy':>9} {'drift KL':>9}"
+          + (f" {'MCQ acc':>8} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7}" if mcq else ""))
+    fmt = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
+    for r in rows:
+        line = f"{r['multiplier']:>10.2f} {r['behavior_score']:>9.3f} {r['accuracy']:>9.3f} {r['drift_kl']:>9.4f}"
+        if "mcq" in r:
+            q = r["mcq"]
+            line += (f" {fmt(q['accuracy'], 8, 3)} {fmt(q['accuracy_localized'], 6, 3)} "
+                     f"{fmt(q['accuracy_nonlocalized'], 7, 3)} {fmt(q.get('rca'), 6, 3)} {fmt(q.get('pnlg'), 7, 3)}")
+        print(line)
+
+
+def restrict_sae(sae, latents):
+    """The same SAE with only `latents` kept: W_enc[:, S], b_enc[S], threshold[S], W_dec[S].
+    Exact for SAEs whose activation acts on each latent alone (ReLU, JumpReLU, gated): those latents get
+    the same z as in the full SAE, and latents where v = 0 contribute ReLU(z) - z = 0 to Eq. 3 anyway."""
+    if sae.cfg.architecture() not in ("standard", "jumprelu", "gated"):
+        raise ValueError(f"--top-k needs an SAE whose activation acts latent by latent; "
+                         f"this one is {sae.cfg.architecture()!r}: evaluate without --top-k")
+    cfg = type(sae.cfg).from_dict(sae.cfg.to_dict() | {"d_sae": len(latents)})
+    small = type(sae)(cfg)
+    state = {name: (p[:, latents] if name == "W_enc" else p[latents] if p.shape[0] == sae.cfg.d_sae else p)
+             for name, p in sae.state_dict().items()}
+    small.load_state_dict(state)
+    return small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+
+
+def prune(v, sae, k):
+    """Keep the k largest |v_i|: returns (v restricted to them, the SAE restricted to them), so the hook
+    encodes and decodes k latents instead of d_sae."""
+    latents = v.abs().topk(min(k, v.numel())).indices.sort().values
+    return v[latents].detach().clone(), restrict_sae(sae, latents.to(sae.W_dec.device))
+
+
+def neuronpedia_url(sae, latent):
+    """Where to read what a latent means, if the SAE's metadata names its Neuronpedia page."""
+    np_id = sae.cfg.metadata.neuronpedia_id
+    return f"https://www.neuronpedia.org/{np_id}/{latent}" if np_id else None
+
+
+def top_latents(v, sae, n):
+    """Up to n latents with v_i > 0 and up to n with v_i < 0, largest |v_i| first, with Neuronpedia links
+    if the SAE has a Neuronpedia id. Also the vector's L0 (latents it touches at all) and L2 norm."""
+    def pick(signed):                                            # signed = v or -v
+        k = min(n, int((signed > 0).sum()))
+        return [{"latent": int(i), "value": float(v[i]), "url": neuronpedia_url(sae, int(i))}
+                for i in signed.topk(k).indices]
+    return {"l0": int((v != 0).sum()), "norm": float(v.norm()), "positive": pick(v), "negative": pick(-v)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving, loading and export: safetensors with metadata, checked on load (a vector only means something
+# for the model, layer, SAE and mode it was built with), and llama.cpp control vectors.
+
+def uses_sae(mode):
+    return mode in ("sparse", "sas")
+
 
 def vector_metadata(args, sae, size):
     sparse = sae is not None
@@ -406,7 +769,8 @@ def vector_metadata(args, sae, size):
         "format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
         "sae": args.sae if sparse else "", "sae_id": args.sae_id if sparse else "",
         "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
-        "d_sae": str(sae.cfg.d_sae) if sparse else "", "size": str(size), "args": json.dumps(asdict(args)),
+        "d_sae": str(sae.cfg.d_sae) if sparse else "", "size": str(size), "lam": str(args.lam),
+        "args": json.dumps(asdict(args)),
     }
 
 
@@ -418,92 +782,81 @@ def save_vector(path, v, args, sae):
     os.replace(tmp, path)
 
 
-def load_vector(path, args, sae, device="cpu"):
-    """Load v and check its metadata against the model, layer, SAE and mode in use."""
+def load_vector(path, args, sae, d_model, device="cpu"):
+    """Load v and check its metadata against the model, layer, SAE and mode in use. Returns (v, its lam)."""
     if not Path(path).is_file():
         raise ValueError(f"vector file {path} not found: pass --vector PATH to a vector.safetensors")
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta, v = f.metadata() or {}, f.get_tensor("v")
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a YaPO vector (format {meta.get('format')!r}, expected {FORMAT_VERSION!r})")
-    expected = vector_metadata(args, sae, v.numel())
-    if sae is not None:
-        expected["size"] = str(sae.cfg.d_sae)
+    expected = vector_metadata(args, sae, sae.cfg.d_sae if sae is not None else d_model)
     keys = ("mode", "model", "layer", "sae", "sae_id", "hook_name", "d_sae", "size")
     wrong = [f"{k}: saved {meta.get(k)!r}, in use {expected[k]!r}" for k in keys if meta.get(k) != expected[k]]
+    if v.shape != (int(expected["size"]),):
+        wrong.append(f"shape: saved {tuple(v.shape)}, in use ({expected['size']},)")
     if wrong:
-        raise ValueError(f"{path} was trained for another setup; " + "; ".join(wrong)
-                         + ". Pass the flags it was trained with (see its metadata 'args').")
-    return v
+        raise ValueError(f"{path} was built for another setup; " + "; ".join(wrong)
+                         + ". Pass the flags it was built with (see its metadata 'args').")
+    return v, float(meta.get("lam", 1.0))
+
+
+def control_direction(v, sae, coeff):
+    """The dense vector a llama.cpp control vector adds at every token: coeff*v, or for a sparse v its
+    linearisation (coeff*v) @ W_dec, exact only where no latent is clipped by Eq. 3's ReLU."""
+    return (coeff * v).float() if sae is None else (coeff * v).to(sae.W_dec.dtype) @ sae.W_dec
+
+
+def export_gguf(path, direction, layer, model):
+    """Write a llama.cpp control vector: llama.cpp adds tensor direction.L at the output of block L."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("--export-gguf needs the gguf package: pip install gguf") from None
+    if layer == 0:
+        raise ValueError("llama.cpp control vectors cannot steer block 0 (direction.0 is refused there)")
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", model.config.model_type)
+    writer.add_uint32("controlvector.layer_count", len(decoder_layers(model)))
+    writer.add_tensor(f"direction.{layer}", direction.detach().float().cpu().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@torch.no_grad()
+def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
+    """What the dense file loses against the exact hook at multiplier m, on the held-out prompts and answers:
+    ||dh_export - dh_exact|| / ||dh_exact|| over all their tokens, and both behaviour scores."""
+    batch = collate_pairs([tokenize_pair(tok, p, args.authors_scoring) for p in pairs], tok.pad_token_id,
+                          model.device)
+    h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
+    h = h[batch["attention_mask"].bool()].float()                          # [n_tokens, d_model]
+    exact = steer(h, v, m * args.lam, sae) - h if sae is not None else (m * args.lam * v).expand_as(h)
+    error = ((direction.float() - exact).norm() / exact.norm().clamp_min(1e-12)).item()
+    score = {}
+    for name, (vec, s, coeff) in {"exact": (v, sae, m * args.lam), "export": (direction.float(), None, 1.0)}.items():
+        with steering(model, args.layer, vec, coeff, s):
+            w, l = pair_logprobs(model, tok, pairs, args)
+        score[name] = torch.sigmoid(w - l).mean().item()
+    return {"multiplier": m, "relative_error": error, "behavior_exact": score["exact"],
+            "behavior_export": score["export"]}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation on held-out pairs, for a sweep of multipliers m (steering with m*lam*v).
+# Models and SAEs: the real ones from the hub or local folders (the --tiny ones are at the end).
 
-@torch.no_grad()
-def generate(model, tok, prompt, max_new_tokens):
-    ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-@torch.no_grad()
-def evaluate(model, tok, sae, v, pairs, args):
-    """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
-    pairs with log p(y_w|x) > log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
-    distribution after each prompt. Plus a few greedy answers per m."""
-    tokenized = [tokenize_pair(tok, p) for p in pairs]
-    batches = [collate(tokenized[i:i + args.batch_size], tok.pad_token_id, model.device)
-               for i in range(0, len(tokenized), args.batch_size)]
-
-    def scores():
-        out = [sequence_logprobs(model, b) for b in batches]
-        halves = [(lp[:len(lp) // 2], lp[len(lp) // 2:], nxt[:len(lp) // 2]) for lp, nxt in out]
-        return [torch.cat(x) for x in zip(*halves)]                # logp_w [n], logp_l [n], next_logp [n, V]
-
-    _, _, base_next = scores()
-    rows, generations = [], {}
-    for m in args.multipliers:
-        with steering(model, args.layer, v, m * args.lam, sae):
-            logp_w, logp_l, next_logp = scores()
-            generations[str(m)] = [generate(model, tok, p["prompt"], args.max_new_tokens)
-                                   for p in pairs[:args.n_generations]]
-        drift = F.kl_div(base_next, next_logp, log_target=True, reduction="none").sum(-1)  # KL(steered || base)
-        rows.append({"multiplier": m,
-                     "behavior_score": torch.sigmoid(logp_w - logp_l).mean().item(),
-                     "accuracy": (logp_w > logp_l).float().mean().item(),
-                     "drift_kl": drift.mean().item()})
-    return {"rows": rows, "generations": generations,
-            "prompts": [p["prompt"] for p in pairs[:args.n_generations]]}
-
-
-def print_table(rows):
-    print(f"{'multiplier':>10} {'behavior':>9} {'accuracy':>9} {'drift KL':>9}")
-    for r in rows:
-        print(f"{r['multiplier']:>10.2f} {r['behavior_score']:>9.3f} {r['accuracy']:>9.3f} {r['drift_kl']:>9.4f}")
-
-
-def neuronpedia_url(sae, latent):
-    """Where to read what a latent means, if the SAE's metadata names its Neuronpedia page."""
-    np_id = sae.cfg.metadata.neuronpedia_id
-    return f"https://www.neuronpedia.org/{np_id}/{latent}" if np_id else None
-
-
-def top_latents(v, sae, n):
-    """The n most positive and n most negative latents of a sparse v, with Neuronpedia links if the SAE
-    has a Neuronpedia id. Also the vector's L0 (latents it touches at all) and L2 norm."""
-    pick = lambda vals: [{"latent": int(i), "value": float(v[i]), "url": neuronpedia_url(sae, int(i))}
-                         for i in vals if v[i] != 0]
-    k = min(n, v.numel())
-    return {"l0": int((v != 0).sum()), "norm": float(v.norm()),
-            "positive": pick(v.topk(k).indices), "negative": pick((-v).topk(k).indices)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Models and SAEs: the real ones from the hub or local folders, or --tiny ones built here.
-
-TINY_LAYER = 2
+PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a real model on a laptop CPU
+    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
+                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
+                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
+                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
+}
 
 
 def pick_device_dtype(device):
@@ -550,8 +903,8 @@ def load_sae(name, sae_id, device, dtype):
             f"sae.save_model. Without network, run with --tiny.") from None
 
 
-def check_pair(model, sae, layer):
-    """The SAE must read the same residual stream that the hook steers."""
+def check_sae_fits_model(model, sae, layer):
+    """The SAE must read the residual stream that the hook steers, and lm_head_logits must be the model's head."""
     d_model, n_layers = model.config.hidden_size, len(decoder_layers(model))
     if not 0 <= layer < n_layers:
         raise ValueError(f"--layer {layer}, but the model has layers 0..{n_layers - 1}")
@@ -580,6 +933,133 @@ def check_pair(model, sae, layer):
                          "and Eq. 3 cannot be folded into one decode")
 
 
+def setup(args, pairs):
+    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other."""
+    device, dtype = pick_device_dtype(args.device)
+    if args.tiny:
+        args.layer = TINY_LAYER
+        model, tok, sae = tiny_setup(pairs, args.seed)
+        model, sae = model.to(device, dtype), sae.to(device, dtype)
+        args.model, args.sae, args.sae_id = "tiny-gemma2", "tiny-jumprelu", f"seed{args.seed}"
+    else:
+        model, tok = load_model(args.model, device, dtype)
+        sae = load_sae(args.sae, args.sae_id, device, dtype) if uses_sae(args.mode) else None
+    sae = sae if uses_sae(args.mode) else None
+    check_sae_fits_model(model, sae, args.layer)
+    return model, tok, sae
+
+
+# ----------------------------------------------------------------------------------------------------
+# main: data -> model and SAE -> train or build (or load) -> evaluate -> interpret -> export -> results.json
+
+TINY_DEFAULTS = dict(lam="8", lr=0.02, epochs=8, warmup_steps=10)   # see tiny_setup and the README
+
+
+def parse_args(argv=None) -> Args:
+    """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
+    parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
+    first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
+    parser.set_defaults(**(PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})))
+    return parser.parse_args_into_dataclasses(argv)[0]
+
+
+def new_run_dir(args):
+    stem = f"{args.behavior}{'_' + args.country if args.country else ''}_{args.mode}_{time.strftime('%Y%m%d-%H%M%S')}"
+    for i in range(1000):
+        path = Path(args.out_dir) / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"could not make a new run folder in {args.out_dir}")
+
+
+def build_vector(model, tok, sae, train_pairs, args, save_to):
+    """v for --mode: trained (sparse = YaPO, dense = BiPO) or computed in one pass (caa, sas)."""
+    if args.mode in ("sparse", "dense"):
+        return train(model, tok, sae, train_pairs, args, save_to=save_to)
+    v = caa_vector(model, tok, train_pairs, args) if args.mode == "caa" else sas_vector(model, tok, sae, train_pairs, args)
+    save_vector(save_to, v, args, sae)
+    return v, []
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tiny:
+        torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy CPU
+    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)
+    if args.eval_only and not args.vector:
+        raise ValueError("--eval-only needs --vector PATH")
+    if args.top_k and not uses_sae(args.mode):
+        raise ValueError("--top-k prunes SAE latents, so it needs --mode sparse or sas")
+    model, tok, sae = setup(args, train_pairs or test_pairs)
+    if args.tiny:
+        print("NOTE: --tiny is a toy: a 4-layer model and an SAE trained for seconds on a few hundred sentences. "
+              "It shows the mechanics; its numbers say nothing about real models.")
+    loaded = load_vector(args.vector, args, sae, model.config.hidden_size, model.device) if args.eval_only else None
+    run = new_run_dir(args)                                       # only after every check that can refuse the run
+    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
+          f"layer {args.layer}; writing to {run}")
+    if any(p["rejected"] is None for p in train_pairs + test_pairs) or args.resample_rejected == "all":
+        sample_rejected(model, tok, train_pairs + test_pairs, args)
+        with open(run / "pairs.jsonl", "w") as f:                 # reusable: pass it as --data next time
+            f.writelines(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected", "split", "country",
+                                                       "localized", "group", "format")} | {"behavior": args.behavior})
+                         + "\n" for p in train_pairs + test_pairs)
+        print(f"sampled rejected answers written to {run / 'pairs.jsonl'}")
+
+    if loaded is not None:
+        (v, saved_lam), history = loaded, []
+        args.lam = saved_lam if args.lam == "auto" else args.lam
+    else:
+        if args.lam == "auto":
+            args.lam = auto_lam(model, tok, sae, train_pairs, args)
+            print(f"--lam auto: lam = {args.lam:.4g}")
+        v, history = build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
+    eval_v, eval_sae = v, sae
+    if args.top_k:
+        eval_v, eval_sae = prune(v, sae, args.top_k)
+        print(f"evaluating the vector pruned to its top {args.top_k} latents")
+
+    results = {"args": asdict(args), "train": history, "test_pairs": len(test_pairs)}
+    if test_pairs:
+        results["eval"] = evaluate(model, tok, eval_sae, eval_v, test_pairs, args)
+        print_table(results["eval"]["rows"])
+        with open(run / "generations.jsonl", "w") as f:          # for an external judge (README: the rubric)
+            f.writelines(json.dumps(g) + "\n" for g in results["eval"]["generations"])
+        for g in results["eval"]["generations"][:3 * len(args.multipliers)]:
+            print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
+    else:
+        print("no held-out pairs: evaluation skipped")
+    if sae is not None:
+        results["latents"] = top_latents(v, sae, args.n_top_latents)
+        print(f"\nv: L0 {results['latents']['l0']} of {v.numel()} latents, norm {results['latents']['norm']:.3f}")
+        for sign in ("positive", "negative"):
+            for t in results["latents"][sign]:
+                print(f"  latent {t['latent']:>6} {t['value']:+.4f} {t['url'] or ''}")
+    if args.export_gguf:
+        direction = control_direction(v, sae, args.export_multiplier * args.lam)
+        export_gguf(args.export_gguf, direction, args.layer, model)
+        print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
+        if sae is not None and test_pairs:
+            results["export"] = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
+            e = results["export"]
+            print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
+                  f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
+    with open(run / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline stand-ins, NOT part of the method: a tiny Gemma-2, a tokenizer and an SAE built here so that
+# --tiny, the tests and the notebook run without a hub. They replace Gemma-2-2B and Gemma Scope.
+
+TINY_LAYER = 2
+
+
 def tiny_tokenizer(texts):
     """A byte-level BPE tokenizer trained on `texts`, with a Gemma-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -600,20 +1080,6 @@ def tiny_tokenizer(texts):
         "+ m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
     return tok
-
-
-def residual_stream(model, layer, input_ids):
-    """h at the output of decoder layer `layer`: [B, T, d_model]."""
-    captured = {}
-    def hook(module, inputs, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        handle.remove()
-    return captured["h"]
 
 
 def calibrate_thresholds(sae, h, l0):
@@ -637,10 +1103,10 @@ def random_sae(d_in, d_sae, layer, seed, decoder_norm=1.0, model_name="tiny-gemm
     return sae
 
 
-def tiny_setup(texts, seed=0, layer=TINY_LAYER, d_sae=512, l0=32):
-    """Random tiny Gemma-2 (4 layers, d_model 64), its tokenizer and a random SAE at `layer`.
-    Random weights: numbers from it show the mechanics, never real behaviour."""
+def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32):
+    """Tiny Gemma-2 (4 layers, d_model 64), its tokenizer and an SAE at `layer`, from the training pairs."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
+    texts = [t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t]
     tok = tiny_tokenizer(texts)
     torch.manual_seed(seed)
     config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -650,93 +1116,9 @@ def tiny_setup(texts, seed=0, layer=TINY_LAYER, d_sae=512, l0=32):
     model = Gemma2ForCausalLM(config).eval()
     sample = tok(texts[:64], add_special_tokens=False, padding=True, return_tensors="pt")
     h = residual_stream(model, layer, sample["input_ids"])[sample["attention_mask"].bool()]   # [N, 64]
-    # A random model barely reacts to small nudges; decoder rows as long as the residual stream itself
-    # let the paper's learning rate move the loss visibly within 20 epochs.
     sae = random_sae(64, d_sae, layer, seed, decoder_norm=h.norm(dim=-1).median().item())
     calibrate_thresholds(sae, h, l0)
     return model, tok, sae
-
-
-# ----------------------------------------------------------------------------------------------------
-# main: data -> model and SAE -> train (or load) -> evaluate -> interpret -> results.json
-
-def new_run_dir(args):
-    stem = f"{args.behavior}_{args.mode}_{time.strftime('%Y%m%d-%H%M%S')}"
-    for i in range(1000):
-        path = Path(args.out_dir) / (stem if i == 0 else f"{stem}-{i}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-    raise ValueError(f"could not make a new run folder in {args.out_dir}")
-
-
-def setup(args, pairs):
-    """Model, tokenizer and SAE (None in dense mode) for args, checked against each other."""
-    device, dtype = pick_device_dtype(args.device)
-    if args.tiny:
-        args.layer = TINY_LAYER
-        texts = [t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
-        model, tok, sae = tiny_setup(texts, args.seed)
-        model, sae = model.to(device), sae.to(device)
-        args.model, args.sae, args.sae_id = "tiny-random-gemma2", "tiny-random-jumprelu", f"seed{args.seed}"
-    else:
-        model, tok = load_model(args.model, device, dtype)
-        sae = load_sae(args.sae, args.sae_id, device, dtype) if args.mode == "sparse" else None
-    if args.mode == "dense":
-        sae = None
-    check_pair(model, sae, args.layer)
-    return model, tok, sae
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.tiny:
-        torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy CPU
-    train_pairs, test_pairs = load_pairs(args.data, args.behavior, args.test_fraction, args.seed)
-    if args.eval_only and not args.vector:
-        raise ValueError("--eval-only needs --vector PATH")
-    if args.top_k and args.mode != "sparse":
-        raise ValueError("--top-k prunes SAE latents, so it needs --mode sparse")
-    model, tok, sae = setup(args, train_pairs + test_pairs)
-    if args.tiny:
-        print("NOTE: --tiny uses a RANDOM model, tokenizer and SAE: the numbers show the mechanics, "
-              "not real behaviour.")
-    loaded = load_vector(args.vector, args, sae, model.device) if args.eval_only else None  # fail before writing
-    run = new_run_dir(args)
-    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
-          f"layer {args.layer}; writing to {run}")
-
-    if loaded is not None:
-        v, history = loaded, []
-    else:
-        v, history = train(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
-    eval_v, eval_sae = v, sae
-    if args.top_k:
-        eval_v, eval_sae = prune(v, sae, args.top_k)
-        print(f"evaluating the vector pruned to its top {args.top_k} latents")
-
-    results = {"args": asdict(args), "train": history, "test_pairs": len(test_pairs)}
-    if test_pairs:
-        results["eval"] = evaluate(model, tok, eval_sae, eval_v, test_pairs, args)
-        print_table(results["eval"]["rows"])
-        for m, answers in results["eval"]["generations"].items():
-            print(f"\n--- multiplier {m} ---")
-            for prompt, answer in zip(results["eval"]["prompts"], answers):
-                print(f"Q: {prompt[:80]!r}\nA: {answer[:200]!r}")
-    else:
-        print("no held-out pairs: evaluation skipped")
-    if sae is not None:
-        results["latents"] = top_latents(v, sae, args.n_top_latents)
-        print(f"\nv: L0 {results['latents']['l0']} of {v.numel()} latents, norm {results['latents']['norm']:.3f}")
-        for sign in ("positive", "negative"):
-            for t in results["latents"][sign]:
-                print(f"  latent {t['latent']:>6} {t['value']:+.4f} {t['url'] or ''}")
-    with open(run / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
-    return results
 
 
 if __name__ == "__main__":
