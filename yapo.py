@@ -82,8 +82,8 @@ class Args:
                                                          "mean-difference baselines, no training")
     preset: Literal["", "paper-2b", "paper-9b", "cpu"] = arg("", "the paper's setups, or a real model on a CPU; "
                                                              "explicit flags win (see PRESETS)")
-    tiny: bool = arg(False, "offline: a tiny Gemma-2, tokenizer and SAE trained here for ~15 s on the training pairs "
-                            "(layer 2 of 4; sets lam 8, lr 0.02, 8 epochs, 10 warm-up steps unless given)")
+    tiny: bool = arg(False, "offline toy: a tiny Gemma-2, tokenizer and SAE trained here for seconds on the training "
+                            "pairs (layer 2 of 4; sets lam 10, lr 5e-3, 20 warm-up steps unless given)")
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
@@ -480,6 +480,9 @@ def train(model, tok, sae, pairs, args, save_to=None):
     batches_per_epoch = math.ceil(n / args.batch_size)
     total = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
     sched = get_cosine_schedule_with_warmup(opt, min(args.warmup_steps, total), total)
+    if args.warmup_steps >= total:
+        print(f"note: {args.warmup_steps} warm-up steps >= {total} optimizer steps: the learning rate never reaches "
+              f"--lr (the paper's 100 warm-up steps assume its full data set)")
     gen = torch.Generator().manual_seed(args.seed)                # batch order and directions d
 
     history, step, bar = [], 0, tqdm(total=total, desc=f"train {args.mode}")
@@ -675,7 +678,7 @@ def mcq_metrics(pairs, picks, args):
 @torch.no_grad()
 def evaluate(model, tok, sae, v, pairs, args):
     """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
-    pairs with log p(y_w|x) > log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
+    pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
     distribution after each prompt; for MCQ pairs the paper's metrics (mcq_metrics). Plus greedy answers
     for the first --n-generations prompts and for every open-ended pair that has a country."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
@@ -688,6 +691,7 @@ def evaluate(model, tok, sae, v, pairs, args):
             next_logp = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
             row = {"multiplier": m, "behavior_score": torch.sigmoid(logp_w - logp_l).mean().item(),
                    "accuracy": (logp_w > logp_l).float().mean().item(),
+                   "margin": (logp_w - logp_l).mean().item(),     # nats; moves even where sigma saturates
                    "drift_kl": drift_kl(next_logp, base_next).mean().item()}
             if mcq:
                 row["mcq"] = mcq_metrics(mcq, mcq_choices(model, tok, mcq, args), args)
@@ -705,11 +709,12 @@ def evaluate(model, tok, sae, v, pairs, args):
 
 def print_table(rows):
     mcq = any("mcq" in r for r in rows)
-    print(f"{'multiplier':>10} {'behavior':>9} {'accuracy':>9} {'drift KL':>9}"
+    print(f"{'multiplier':>10} {'behavior':>9} {'accuracy':>9} {'drift KL':>9} {'margin':>8}"
           + (f" {'MCQ acc':>8} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7}" if mcq else ""))
     fmt = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
     for r in rows:
-        line = f"{r['multiplier']:>10.2f} {r['behavior_score']:>9.3f} {r['accuracy']:>9.3f} {r['drift_kl']:>9.4f}"
+        line = (f"{r['multiplier']:>10.2f} {r['behavior_score']:>9.3f} {r['accuracy']:>9.3f} {r['drift_kl']:>9.4f} "
+                f"{r['margin']:>8.2f}")
         if "mcq" in r:
             q = r["mcq"]
             line += (f" {fmt(q['accuracy'], 8, 3)} {fmt(q['accuracy_localized'], 6, 3)} "
@@ -952,7 +957,7 @@ def setup(args, pairs):
 # ----------------------------------------------------------------------------------------------------
 # main: data -> model and SAE -> train or build (or load) -> evaluate -> interpret -> export -> results.json
 
-TINY_DEFAULTS = dict(lam="8", lr=0.02, epochs=8, warmup_steps=10)   # see tiny_setup and the README
+TINY_DEFAULTS = dict(lam="10", lr=5e-3, warmup_steps=20)   # chosen on a validation split (README: the tiny run)
 
 
 def parse_args(argv=None) -> Args:
@@ -1103,20 +1108,73 @@ def random_sae(d_in, d_sae, layer, seed, decoder_norm=1.0, model_name="tiny-gemm
     return sae
 
 
-def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32):
-    """Tiny Gemma-2 (4 layers, d_model 64), its tokenizer and an SAE at `layer`, from the training pairs."""
+def tiny_model(tok, seed):
+    """A random Gemma-2 with 4 layers and d_model 64: small enough to train on a CPU in seconds."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    texts = [t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t]
-    tok = tiny_tokenizer(texts)
     torch.manual_seed(seed)
     config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                           sliding_window=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, attn_implementation="eager")
-    model = Gemma2ForCausalLM(config).eval()
-    sample = tok(texts[:64], add_special_tokens=False, padding=True, return_tensors="pt")
-    h = residual_stream(model, layer, sample["input_ids"])[sample["attention_mask"].bool()]   # [N, 64]
-    sae = random_sae(64, d_sae, layer, seed, decoder_norm=h.norm(dim=-1).median().item())
+    return Gemma2ForCausalLM(config)
+
+
+def train_tiny_lm(model, seqs, pad_id, steps=70, lr=3e-3, batch_size=16, seed=0):
+    """Plain next-token training, stopped early on purpose: 37 pairs are memorised within ~200 steps,
+    and a model that has memorised its training pairs gives steering nothing that carries to new ones."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    pick = random.Random(seed)
+    for _ in range(steps):
+        batch = collate([([], s) for s in pick.sample(seqs, min(batch_size, len(seqs)))], pad_id, "cpu")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def train_tiny_sae(h, layer, d_sae=512, l1=3e-4, steps=500, lr=3e-3, batch_size=512, seed=0):
+    """A ReLU SAE trained on h [N, d_in] with MSE + L1, returned as a sae-lens JumpReLUSAE (thresholds 0,
+    see calibrate_thresholds) with unit-norm decoder rows, as released SAEs have."""
+    g = torch.Generator().manual_seed(seed)
+    scale = h.norm(dim=-1).mean()                    # train on h / scale, so that l1 does not depend on ||h||
+    x_all = h / scale
+    W_dec = torch.randn(d_sae, h.shape[1], generator=g)
+    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
+    W_enc = W_dec.detach().T.clone().requires_grad_()  # tied at the start: each latent reads its own direction
+    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_dec = x_all.mean(0).clone().requires_grad_()
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
+    for _ in range(steps):
+        x = x_all[torch.randint(len(x_all), (batch_size,), generator=g)]
+        z = torch.relu((x - b_dec) @ W_enc + b_enc)    # sae-lens subtracts b_dec before encoding too
+        loss = (z @ W_dec + b_dec - x).pow(2).sum(-1).mean() + l1 * (z * W_dec.norm(dim=1)).sum(-1).mean()
+        loss.backward()                                # (L1 weighted by row norms, so shrinking z cannot cheat it)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():                              # back to raw units; the row norms move into the encoder
+        norms = W_dec.norm(dim=1)
+        state = {"W_dec": W_dec / norms[:, None], "W_enc": W_enc * norms, "b_enc": b_enc * norms * scale,
+                 "b_dec": b_dec * scale, "threshold": torch.zeros(d_sae)}
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=h.shape[1], d_sae=d_sae, metadata=SAEMetadata(
+        hook_name=f"blocks.{layer}.hook_resid_post", model_name="tiny-gemma2")))
+    sae.load_state_dict(state)
+    return sae
+
+
+def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_steps=70):
+    """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template),
+    its tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer`.
+    Pass the training pairs only: held-out pairs must never enter."""
+    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t])
+    model = tiny_model(tok, seed)
+    seqs = [x + y for p in pairs if p["rejected"] for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
+    train_tiny_lm(model, seqs, tok.pad_token_id, steps=lm_steps, seed=seed)
+    batch = collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
+    h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]
+    sae = train_tiny_sae(h, layer, d_sae, seed=seed)
     calibrate_thresholds(sae, h, l0)
     return model, tok, sae
 
