@@ -680,7 +680,9 @@ def evaluate(model, tok, sae, v, pairs, args):
     """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
     pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
     distribution after each prompt; for MCQ pairs the paper's metrics (mcq_metrics). Plus greedy answers
-    for the first --n-generations prompts and for every open-ended pair that has a country."""
+    for the first --n-generations prompts and for every open-ended pair that has a country.
+    The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
+    the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
     speak = [p for i, p in enumerate(pairs) if i < args.n_generations or (p["format"] == "open" and p["country"])]
     base_next = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
