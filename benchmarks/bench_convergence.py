@@ -1,19 +1,24 @@
 """How fast the optimisation converges, YaPO (sparse, in SAE latents) against BiPO (dense, in the residual
-stream): the same power_seeking pairs from data_sample.jsonl, the same steps and paper defaults (lr 5e-4,
-beta 0.1, lambda 1, batch 4), 3 seeds, on two random Gemma-2 sizes:
+stream): the same power_seeking training pairs from data_sample.jsonl, the same steps and paper defaults
+(lr 5e-4, beta 0.1, lambda 1, batch 4, AdamW without weight decay, warm-up over the first 10% of the steps),
+3 seeds, on two Gemma-2 sizes:
 
-  tiny   yapo.tiny_setup: d_model 64, 4 layers, SAE of 512 latents at layer 2
-  small  the same recipe at d_model 256, 6 layers, SAE of 2048 latents at layer 3
+  tiny   yapo.tiny_setup, exactly what `yapo.py --tiny` builds on the training pairs (its shapes are read
+         back from the model and SAE it returns)
+  small  a random Gemma-2 at d_model 256, 6 layers, with a random JumpReLU SAE of 2048 latents at layer 3
+         (decoder rows as long as the median residual-stream norm, thresholds set for ~32 active latents),
+         on the tiny setup's tokenizer
 
 Per run: steps until the training loss first drops below 0.5 and below 0.1, and until the per-step
 training accuracy (share of the batch's pairs with a positive margin) first reaches 1.0; the lowest loss
-of any step and the mean loss over the last epoch. A seed changes the random model,
-the SAE, the batch order and the directions d; the train/test split stays the same.
+of any step and the mean loss over the last epoch. A seed changes the models, the SAEs, the batch order
+and the directions d; the train/test split stays the same.
 
     python benchmarks/bench_convergence.py            # the figures and convergence.png (a few minutes)
-    python benchmarks/bench_convergence.py --quick    # smoke test: 1 epoch on 12 pairs
+    python benchmarks/bench_convergence.py --quick    # smoke test of the code paths: 1 seed, 1 epoch on 8 pairs
 """
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -24,18 +29,29 @@ import torch  # noqa: E402
 import yapo  # noqa: E402
 
 FULL = {"behavior": "power_seeking", "epochs": 20, "max_train_pairs": None, "seeds": [0, 1, 2],
-        "loss_thresholds": [0.5, 0.1],
-        "sizes": {"tiny": {"hidden_size": 64, "layers": 4, "layer": 2, "d_sae": 512, "l0": 32},
+        "loss_thresholds": [0.5, 0.1], "warmup_fraction": 0.1,
+        "sizes": {"tiny": "yapo.tiny_setup",
                   "small": {"hidden_size": 256, "layers": 6, "layer": 3, "d_sae": 2048, "l0": 32}}}
-QUICK = FULL | {"epochs": 1, "max_train_pairs": 12}
+QUICK = FULL | {"epochs": 1, "max_train_pairs": 8, "seeds": [0],
+                "sizes": {"tiny": "yapo.tiny_setup",
+                          "small": {"hidden_size": 64, "layers": 2, "layer": 1, "d_sae": 256, "l0": 16}}}
 MODES = ("sparse", "dense")  # YaPO, BiPO
 
 
-def small_setup(texts, seed, hidden_size, layers, layer, d_sae, l0):
-    """yapo.tiny_setup's recipe at another size: a BPE tokenizer trained on the texts, a random Gemma-2,
-    and a random SAE whose decoder rows are as long as the median residual-stream norm."""
+def tiny_setup(pairs, seed, behavior):
+    """yapo.py --tiny's model, tokenizer and SAE (via yapo.setup, which also checks that they fit), and
+    their shapes."""
+    args = yapo.Args(tiny=True, mode="sparse", behavior=behavior, seed=seed, device="cpu")
+    model, tok, sae = yapo.setup(args, pairs)
+    spec = {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+            "layer": args.layer, "d_sae": sae.cfg.d_sae}
+    return model, tok, sae, spec
+
+
+def small_setup(tok, texts, seed, hidden_size, layers, layer, d_sae, l0):
+    """A random Gemma-2 of the given size on `tok`'s vocabulary, and a random SAE calibrated on its
+    residual stream at `layer` (common.calibrated_sae)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    tok = yapo.tiny_tokenizer(texts)
     torch.manual_seed(seed)
     config = Gemma2Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
@@ -44,16 +60,9 @@ def small_setup(texts, seed, hidden_size, layers, layer, d_sae, l0):
                           eos_token_id=tok.eos_token_id, attn_implementation="eager")
     model = Gemma2ForCausalLM(config).eval()
     sample = tok(texts[:64], add_special_tokens=False, padding=True, return_tensors="pt")
-    h = yapo.residual_stream(model, layer, sample["input_ids"])[sample["attention_mask"].bool()]
-    sae = yapo.random_sae(hidden_size, d_sae, layer, seed, decoder_norm=h.norm(dim=-1).median().item())
-    yapo.calibrate_thresholds(sae, h, l0)
+    sae = common.calibrated_sae(model, layer, d_sae, l0, sample["input_ids"], seed, sample["attention_mask"])
+    yapo.check_sae_fits_model(model, sae, layer)
     return model, tok, sae
-
-
-def setup(size, spec, texts, seed):
-    if size == "tiny":                                            # exactly what `yapo.py --tiny` trains on
-        return yapo.tiny_setup(texts, seed, layer=spec["layer"], d_sae=spec["d_sae"], l0=spec["l0"])
-    return small_setup(texts, seed, **spec)
 
 
 def first_step(values, ok):
@@ -62,8 +71,10 @@ def first_step(values, ok):
 
 
 def one_run(model, tok, sae, mode, pairs, spec, seed, shapes):
-    args = yapo.Args(tiny=True, behavior=shapes["behavior"], mode=mode, layer=spec["layer"], seed=seed,
-                     epochs=shapes["epochs"])                     # everything else: paper defaults
+    steps = shapes["epochs"] * math.ceil(len(pairs) / 4)
+    args = yapo.Args(behavior=shapes["behavior"], mode=mode, layer=spec["layer"], seed=seed, epochs=shapes["epochs"],
+                     lam="1", lr=5e-4, beta=0.1, batch_size=4, grad_accum=1, weight_decay=0.0,
+                     warmup_steps=max(1, round(shapes["warmup_fraction"] * steps)))   # the paper's defaults
     t0 = time.perf_counter()
     _, history = yapo.train(model, tok, sae if mode == "sparse" else None, pairs, args)
     losses, accs = [h["loss"] for h in history], [h["accuracy"] for h in history]
@@ -106,8 +117,9 @@ def plot(runs, shapes, path):
         ax.set_xlabel("step")
     axes[0].set_ylabel(f"training loss (mean, min-max over {len(shapes['seeds'])} seeds)")
     axes[0].legend()
-    fig.suptitle("Random models: optimisation only, not behaviour", fontsize=10)
+    fig.suptitle("Toy and random models: optimisation only, not behaviour", fontsize=10)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -118,18 +130,21 @@ def main(argv=None):
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     png = Path(opts.png) if opts.png else Path(opts.out).parent / "convergence.png"
-    train_pairs, test_pairs = yapo.load_pairs(common.DATA, shapes["behavior"])   # one split for every seed
-    texts = [t for p in train_pairs + test_pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
-    train_pairs = train_pairs[:shapes["max_train_pairs"]]                       # all of them unless --quick
-
-    runs, decoder_norms = {}, {}
-    for size, spec in shapes["sizes"].items():
-        runs[size], decoder_norms[size] = {mode: [] for mode in MODES}, []
-        for seed in shapes["seeds"]:
-            model, tok, sae = setup(size, spec, texts, seed)
+    torch.set_num_threads(1)                                      # as yapo.py --tiny: small matrices lose on threads
+    split = yapo.Args(behavior=shapes["behavior"], data=str(common.DATA))
+    train_pairs, _ = yapo.load_pairs(split)                       # one split for every seed
+    texts = [t for p in train_pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
+    sizes = dict(shapes["sizes"])                                 # "tiny" gets the shapes tiny_setup returns
+    runs = {size: {mode: [] for mode in MODES} for size in sizes}
+    decoder_norms = {size: [] for size in sizes}
+    for seed in shapes["seeds"]:
+        tiny = tiny_setup(train_pairs, seed, shapes["behavior"])  # on all training pairs, as yapo.py --tiny
+        sizes["tiny"] = tiny[3]
+        for size, spec in sizes.items():
+            model, tok, sae = tiny[:3] if size == "tiny" else small_setup(tiny[1], texts, seed, **spec)
             decoder_norms[size].append(sae.W_dec.norm(dim=1).mean().item())
             for mode in MODES:
-                r = one_run(model, tok, sae, mode, train_pairs, spec, seed, shapes)
+                r = one_run(model, tok, sae, mode, train_pairs[:shapes["max_train_pairs"]], spec, seed, shapes)
                 runs[size][mode].append(r)
                 print(f"{size:>5} seed {seed} {mode:>6}: lowest loss {r['min_loss']:.3f}, last epoch "
                       f"{r['last_epoch_loss']:.3f}, " + ", ".join(f"loss < {t} at step {r[f'steps_to_loss_below_{t}']}"
@@ -142,14 +157,14 @@ def main(argv=None):
                | {m: spread([r[m] for r in rs]) for m in metrics}
                | {"seconds_per_run": statistics.mean(r["seconds"] for r in rs)}
                for size, by_mode in runs.items() for mode, rs in by_mode.items()]
+    shapes = shapes | {"sizes": sizes}
     plot(runs, shapes, png)
-    note = (f"{common.RANDOM_MODEL_NOTE} These runs measure the optimisation, as the paper's convergence figure "
-            f"does. Scale is not like for like: yapo.tiny_setup (and the small model here, built the same way) "
-            f"sets every SAE decoder row to the median residual-stream norm (about "
-            + ", ".join(f"{s} {statistics.mean(n):.1f}" for s, n in decoder_norms.items())
-            + "), so one unit of a latent moves h by that much, while one unit of the dense vector moves one "
-            "coordinate of h by 1; at the same learning rate (the paper's 5e-4 for both, as yapo.py --tiny uses) "
-            "the sparse vector takes far larger steps in h. "
+    note = (f"{common.TINY_NOTE} The small size is a random model with a random SAE. These runs measure the "
+            f"optimisation, as the paper's convergence figure does. Scale is not like for like: one unit of a "
+            f"latent moves h by its SAE decoder row (mean row length "
+            + ", ".join(f"{s} {statistics.mean(n):.2f}" for s, n in decoder_norms.items())
+            + "), while one unit of the dense vector moves one coordinate of h by 1; at the same learning rate "
+            "(the paper's 5e-4 for both) the two vectors take steps of different sizes in h. "
             "Per-step accuracy is over a batch of 4 pairs, so it can reach 1.0 by chance once v moves; the "
             "loss threshold is the steadier measure. Steps count optimizer updates before the first step "
             "that meets the condition (0 = the first step, with v = 0).")
@@ -162,7 +177,7 @@ def main(argv=None):
     steps = lambda s: "not reached" if s["mean"] is None else f"{s['mean']:.0f} ± {s['std']:.0f} ({s['reached']})"
     loss = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
     print(f"\n{results['shapes']['steps']} steps per run, seeds {shapes['seeds']}"
-          + ("  [QUICK: 1 epoch on 12 pairs]" if opts.quick else ""))
+          + ("  [QUICK: a smoke test; 1 seed, 1 epoch on 8 pairs, a smaller 'small']" if opts.quick else ""))
     columns = [("size", "size"), ("method", "method")]
     columns += [(m, "steps to loss < " + m.rsplit("_", 1)[1]) for m in metrics[:-3]]
     columns += [("steps_to_accuracy_1", "steps to accuracy 1.0"), ("min_loss", "lowest loss"),

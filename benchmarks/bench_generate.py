@@ -18,7 +18,7 @@ its own (yapo.steer on one token's residual stream, many calls): its cost next t
 low-noise figure.
 
     python benchmarks/bench_generate.py            # the figures (about a minute on 2 cores)
-    python benchmarks/bench_generate.py --quick    # smoke test: smaller vocabulary, fewer tokens
+    python benchmarks/bench_generate.py --quick    # smoke test of the code paths: tiny shapes, few tokens
 """
 
 import time
@@ -30,8 +30,11 @@ import torch  # noqa: E402
 import yapo  # noqa: E402
 
 FULL = {"vocab_size": 256_000, "hidden_size": 256, "layers": 4, "layer": 2, "d_sae": 4096, "l0": 50,
-        "prompt_len": 115, "batch": 1, "new_tokens": 32, "top_k": 64, "repeats": 15}
-QUICK = FULL | {"vocab_size": 32_000, "new_tokens": 8, "repeats": 3}
+        "calibration_ids": [8, 128], "prompt_len": 115, "batch": 1, "new_tokens": 32, "top_k": 64, "repeats": 15,
+        "hook_calls": 500, "hook_repeats": 7, "threads": None}                # None: torch's default
+QUICK = FULL | {"vocab_size": 2_048, "hidden_size": 64, "layers": 3, "d_sae": 256, "l0": 16,
+                "calibration_ids": [2, 32], "prompt_len": 12, "new_tokens": 3, "repeats": 2,
+                "hook_calls": 10, "hook_repeats": 2, "threads": 1}
 TARGET = 0.95  # top-64 sparse steering within 5% of unsteered tokens/s
 
 
@@ -47,12 +50,12 @@ def variants(model, sae, shapes):
 
 
 @torch.no_grad()
-def hook_microseconds(steer, batch, d_model, calls=500, repeats=7):
+def hook_microseconds(steer, batch, d_model, calls, repeats):
     """Median time of one yapo.steer call on a decoding step's residual stream [batch, 1, d_model]."""
     if steer is None:
         return 0.0
     h = torch.randn(batch, 1, d_model)
-    for _ in range(20):                                           # warm-up
+    for _ in range(min(20, calls)):                               # warm-up
         yapo.steer(h, steer[0], 1.0, steer[1])
     per_call = []
     for _ in range(repeats):
@@ -79,10 +82,12 @@ def generate_seconds(model, ids, new_tokens, layer, steer):
 def main(argv=None):
     opts = common.parser(__file__, __doc__.strip().split("\n")[0]).parse_args(argv)
     shapes = QUICK if opts.quick else FULL
+    if shapes["threads"]:
+        torch.set_num_threads(shapes["threads"])
     load_before = common.machine()["load_average_1_5_15min"]
     model = common.gemma2_shaped(shapes["vocab_size"], shapes["hidden_size"], shapes["layers"])
     sae = common.calibrated_sae(model, shapes["layer"], shapes["d_sae"], shapes["l0"],
-                                common.random_ids(8, 128, shapes["vocab_size"]))
+                                common.random_ids(*shapes["calibration_ids"], shapes["vocab_size"]))
     ids = common.random_ids(shapes["batch"], shapes["prompt_len"], shapes["vocab_size"], seed=1)
     steers = variants(model, sae, shapes)
     run = lambda steer: generate_seconds(model, ids, shapes["new_tokens"], shapes["layer"], steer)
@@ -100,7 +105,8 @@ def main(argv=None):
     ms_per_token = 1000 * common.median(times["unsteered"]) / shapes["new_tokens"]   # prefill included
     rows = {}
     for name, ts in times.items():
-        hook_us = hook_microseconds(steers[name], shapes["batch"], model.config.hidden_size)
+        hook_us = hook_microseconds(steers[name], shapes["batch"], model.config.hidden_size,
+                                    shapes["hook_calls"], shapes["hook_repeats"])
         rows[name] = {"median_s": common.median(ts), "tokens_per_s": tokens / common.median(ts),
                       "relative_to_unsteered": tokens / common.median(ts) / base, "seconds": ts,
                       "hook_us_per_token": hook_us, "hook_share_of_token_time": hook_us / (1000 * ms_per_token)}
@@ -117,7 +123,8 @@ def main(argv=None):
                "note": common.RANDOM_MODEL_NOTE}
 
     print(f"prompt {shapes['prompt_len']} tokens, batch {shapes['batch']}, {shapes['new_tokens']} new tokens, "
-          f"vocab {shapes['vocab_size']}, {shapes['repeats']} repeats" + ("  [QUICK: small shapes]" if opts.quick else ""))
+          f"vocab {shapes['vocab_size']}, {shapes['repeats']} repeats"
+          + ("  [QUICK: tiny shapes, a smoke test; the speeds and target mean nothing]" if opts.quick else ""))
     common.print_table([{"variant": n} | r for n, r in rows.items()],
                        [("variant", "variant"), ("median_s", "median s"), ("tokens_per_s", "tokens/s"),
                         ("relative_to_unsteered", "vs unsteered"), ("hook_us_per_token", "hook µs/token"),

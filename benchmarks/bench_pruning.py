@@ -1,22 +1,26 @@
-"""How many latents carry the behaviour: train a YaPO vector on the tiny setup (random Gemma-2 + random
-SAE of 512 latents, power_seeking pairs from data_sample.jsonl, paper defaults), then prune it to its top-K
-latents by |v_i| with yapo.prune and score the held-out pairs with yapo.evaluate at multipliers -1, 0, +1.
+"""How many latents carry the behaviour: train a YaPO vector on the tiny setup of `yapo.py --tiny`
+(yapo.tiny_setup on the power_seeking training pairs of data_sample.jsonl, yapo.TINY_DEFAULTS for lambda,
+learning rate and warm-up, 20 epochs), then prune it to its top-K latents by |v_i| with yapo.prune and score
+the held-out pairs with yapo.evaluate at multipliers -1, 0, +1.
 
 behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)) on held-out pairs; "effect" = score(+1) -
-score(-1), and "share of effect" compares it with the unpruned vector's.
+score(-1), and "share of effect" compares it with the unpruned vector's. The behaviour score saturates when
+log-prob differences are large, so the margin (mean log p(y_w|x) - log p(y_l|x), nats) is listed as well.
 
     python benchmarks/bench_pruning.py            # the figures (about a minute on 2 cores)
-    python benchmarks/bench_pruning.py --quick    # smoke test: 2 epochs instead of 20
+    python benchmarks/bench_pruning.py --quick    # smoke test of the code paths: 1 epoch on 8 pairs, 4 scored
 """
 
 from dataclasses import asdict
 
 import common  # first: puts the repository root on sys.path and silences progress bars
 
+import torch  # noqa: E402
 import yapo  # noqa: E402
 
-FULL = {"behavior": "power_seeking", "epochs": 20, "ks": [8, 32, 128, "all"]}
-QUICK = FULL | {"epochs": 2}
+FULL = {"behavior": "power_seeking", "epochs": 20, "ks": [8, 32, 128, "all"], "max_train_pairs": None,
+        "max_test_pairs": None}
+QUICK = FULL | {"epochs": 1, "max_train_pairs": 8, "max_test_pairs": 4}
 
 
 def scores_at(model, tok, sae, v, pairs, args):
@@ -27,10 +31,13 @@ def scores_at(model, tok, sae, v, pairs, args):
 def main(argv=None):
     opts = common.parser(__file__, __doc__.strip().split("\n")[0]).parse_args(argv)
     shapes = QUICK if opts.quick else FULL
-    args = yapo.Args(tiny=True, behavior=shapes["behavior"], data=str(common.DATA), epochs=shapes["epochs"],
-                     multipliers=[-1.0, 0.0, 1.0], n_generations=0, device="cpu")   # everything else: paper defaults
-    train_pairs, test_pairs = yapo.load_pairs(args.data, args.behavior, args.test_fraction, args.seed)
-    model, tok, sae = yapo.setup(args, train_pairs + test_pairs)
+    torch.set_num_threads(1)                                      # as yapo.py --tiny: tiny matrices lose on threads
+    args = yapo.Args(**yapo.TINY_DEFAULTS | dict(
+        tiny=True, mode="sparse", behavior=shapes["behavior"], data=str(common.DATA), epochs=shapes["epochs"],
+        multipliers=[-1.0, 0.0, 1.0], n_generations=0, device="cpu"))   # everything else: yapo.py's defaults
+    train_pairs, test_pairs = yapo.load_pairs(args)
+    model, tok, sae = yapo.setup(args, train_pairs)               # as yapo.py --tiny: built on the training pairs
+    train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
     print(f"training on {len(train_pairs)} pairs for {args.epochs} epochs; scoring {len(test_pairs)} held-out pairs")
     v, history = yapo.train(model, tok, sae, train_pairs, args)
 
@@ -43,6 +50,7 @@ def main(argv=None):
                      "norm_share": (v_k.norm() / v.norm()).item(),
                      "score_minus_1": s[-1.0]["behavior_score"], "score_0": s[0.0]["behavior_score"],
                      "score_plus_1": s[1.0]["behavior_score"],
+                     "margin_minus_1": s[-1.0].get("margin"), "margin_plus_1": s[1.0].get("margin"),
                      "accuracy_minus_1": s[-1.0]["accuracy"], "accuracy_plus_1": s[1.0]["accuracy"],
                      "drift_kl_plus_1": s[1.0]["drift_kl"],
                      "effect": s[1.0]["behavior_score"] - s[-1.0]["behavior_score"]})
@@ -55,14 +63,16 @@ def main(argv=None):
                "args": asdict(args) | {"data": common.DATA.name}, "machine": common.machine(),
                "vector": {"l0": int((v != 0).sum()), "norm": v.norm().item(), "final_loss": history[-1]["loss"]},
                "rows": rows,
-               "note": common.RANDOM_MODEL_NOTE + f" The scores are deterministic (log-probs, no sampling), but "
+               "note": common.TINY_NOTE + f" The scores are deterministic (log-probs, no sampling), but "
                        f"{len(test_pairs)} held-out pairs are a small sample."}
 
     print(f"\nv: L0 {results['vector']['l0']} of {v.numel()} latents, norm {v.norm():.3f}; "
-          f"last training loss {history[-1]['loss']:.3f}" + ("  [QUICK: 2 epochs]" if opts.quick else ""))
+          f"last training loss {history[-1]['loss']:.3f}"
+          + ("  [QUICK: a smoke test; 1 epoch on 8 pairs, 4 scored]" if opts.quick else ""))
     common.print_table(rows, [("k", "K"), ("norm_share", "|v_K|/|v|"), ("score_minus_1", "score m=-1"),
                               ("score_0", "m=0"), ("score_plus_1", "m=+1"), ("effect", "effect (+1 - -1)"),
-                              ("share_of_effect", "share of effect"), ("drift_kl_plus_1", "drift KL m=+1")])
+                              ("share_of_effect", "share of effect"), ("margin_minus_1", "margin m=-1"),
+                              ("margin_plus_1", "margin m=+1"), ("drift_kl_plus_1", "drift KL m=+1")])
     print("\n" + results["note"])
     common.write_json(opts.out, results)
     return results

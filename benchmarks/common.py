@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: command line, the Gemma-2-shaped random model, random
-token batches, memory readings, tables and JSON. Each bench_*.py imports this first."""
+"""Helpers shared by the benchmark scripts: command line, the Gemma-2-shaped random model and its random
+SAE, random token batches, memory readings, tables and JSON. Each script in benchmarks/ imports this first."""
 
 import argparse
 import json
@@ -24,15 +24,30 @@ import yapo  # noqa: E402
 
 RANDOM_MODEL_NOTE = ("Random model and random SAE: these numbers measure compute, memory or optimisation, "
                      "never real behaviour.")
+TINY_NOTE = ("Toy model and SAE from yapo.tiny_setup (what yapo.py --tiny uses, built offline in seconds on the "
+             "training pairs): these numbers show the mechanics and the optimisation, never real behaviour.")
 
 
 # ---------------------------------------------------------------------------------------------- command line
 
+class _Parser(argparse.ArgumentParser):
+    """Fills in --out after parsing, since its default depends on --quick."""
+    stem = ""
+
+    def parse_known_args(self, args=None, namespace=None):
+        opts, rest = super().parse_known_args(args, namespace)
+        if opts.out is None:
+            opts.out = str((RESULTS / "quick" if opts.quick else RESULTS) / (self.stem + ".json"))
+        return opts, rest
+
+
 def parser(script_file, description):
-    """--quick for a smoke test and --out for the JSON path (default benchmarks/results/<script stem>.json)."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke test, not a figure")
-    p.add_argument("--out", default=str(RESULTS / (Path(script_file).stem + ".json")), help="where to write the JSON")
+    """--quick for a smoke test and --out for the JSON path (default benchmarks/results/<script stem>.json, or
+    benchmarks/results/quick/<script stem>.json with --quick, so that a smoke test never overwrites a figure)."""
+    p = _Parser(description=description, allow_abbrev=False)
+    p.stem = Path(script_file).stem
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke test, not a figure")
+    p.add_argument("--out", default=None, help="the JSON (default: benchmarks/results/[quick/]<script>.json)")
     return p
 
 
@@ -49,13 +64,36 @@ def gemma2_shaped(vocab_size, hidden_size=256, layers=4, intermediate_size=1024,
     return Gemma2ForCausalLM(config).eval()
 
 
-def calibrated_sae(model, layer, d_sae, l0, sample_ids, seed=0):
-    """A random JumpReLU SAE at `layer`, built the way yapo.tiny_setup builds its SAE: decoder rows as long
-    as the median residual-stream norm, thresholds set so that about `l0` latents fire per token."""
-    h = yapo.residual_stream(model, layer, sample_ids).flatten(0, 1)          # [N, d_model]
-    sae = yapo.random_sae(model.config.hidden_size, d_sae, layer, seed,
-                          decoder_norm=h.norm(dim=-1).median().item(), model_name="random-gemma2-shaped")
-    yapo.calibrate_thresholds(sae, h, l0)
+def random_sae(d_in, d_sae, layer, seed=0, decoder_norm=1.0, model_name="random-gemma2-shaped"):
+    """A random JumpReLU SAE reading blocks.<layer>.hook_resid_post: decoder rows of length `decoder_norm`,
+    encoder = their unit directions transposed, thresholds 0 (see calibrate_thresholds). The benchmarks keep
+    their own copy, so that they measure the same random SAE whatever yapo.py's offline stand-ins become."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    g = torch.Generator().manual_seed(seed)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
+        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)))
+    directions = torch.randn(d_sae, d_in, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    sae.load_state_dict({"W_dec": directions * decoder_norm, "W_enc": directions.T.contiguous(),
+                         "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in), "threshold": torch.zeros(d_sae)})
+    return sae
+
+
+def calibrate_thresholds(sae, h, l0):
+    """Set a JumpReLU SAE's thresholds so that about `l0` latents fire per token of h [N, d_in]."""
+    with torch.no_grad():
+        pre = sae.process_sae_in(h) @ sae.W_enc + sae.b_enc             # [N, d_sae]
+        sae.threshold.data = pre.float().quantile(1 - l0 / sae.cfg.d_sae, dim=0).clamp(min=0).to(sae.dtype)
+
+
+def calibrated_sae(model, layer, d_sae, l0, sample_ids, seed=0, attention_mask=None):
+    """A random JumpReLU SAE at `layer`: decoder rows as long as the median residual-stream norm of the
+    sample's (unpadded) tokens, thresholds set so that about `l0` latents fire per token."""
+    h = yapo.residual_stream(model, layer, sample_ids, attention_mask)                 # [B, T, d_model]
+    h = h.flatten(0, 1) if attention_mask is None else h[attention_mask.bool()]        # [N, d_model]
+    sae = random_sae(model.config.hidden_size, d_sae, layer, seed, decoder_norm=h.norm(dim=-1).median().item())
+    calibrate_thresholds(sae, h, l0)
     return sae
 
 
@@ -144,6 +182,13 @@ def print_table(rows, columns):
     print("  ".join(h.rjust(w) for (_, h), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+def markdown_table(rows, columns):
+    """The same table as print_table, as GitHub markdown."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def write_json(path, results):

@@ -1,0 +1,213 @@
+"""Five steering vectors for one behaviour, side by side, built on the same training pairs and scored by
+yapo.evaluate on the same held-out pairs at the same multipliers m (steering with m*lam*v):
+
+  none   v = 0: the unsteered model at every m (the floor every method is compared with)
+  CAA    yapo.caa_vector: mean residual-stream difference between chosen and rejected answers
+  SAS    yapo.sas_vector: the same in SAE latents, on the latents frequent on one side only
+  BiPO   yapo.train with mode dense: a residual-stream vector learned from the preference pairs
+  YaPO   yapo.train with mode sparse: a vector of SAE latents learned from the preference pairs
+
+Per method: behaviour score (mean sigmoid(log p(y_w|x) - log p(y_l|x))), margin (the mean of that log-prob
+difference in nats, which still moves where the sigmoid saturates) and accuracy at m = -1 and +1, the
+drift KL of the next-token distribution at +1, for MCQ culture rows the MCQ accuracy, RCA and PNLG at +1,
+and the seconds it took to build its vector. Vectors of different methods have different natural scales,
+so each is also read at the same cost: the m where its drift KL first exceeds --kl, linearly interpolated
+in the sweep of positive multipliers, and the behaviour score there ("not reached" if the sweep never
+exceeds it), with the margin there.
+
+    python benchmarks/compare_methods.py                      # tiny setup (yapo.py --tiny): mechanics only
+    python benchmarks/compare_methods.py --quick              # smoke test: 1 epoch on 8 pairs, 4 scored
+    python benchmarks/compare_methods.py --preset paper-2b    # the real run (GPU, hub access)
+    python benchmarks/compare_methods.py --model M --sae S --sae-id ID --layer L [any yapo.py flag]
+
+Flags this script does not know are passed to yapo.py's parser (e.g. --lam, --epochs, --sas-tau, --format,
+--country); --preset and --tiny change defaults there exactly as they do for yapo.py. The multipliers are
+this script's (-1 and the sweep 0, 0.5, 1, 2, 4, 8). On the tiny setup SAS tries --sas-tau 0.1, 0.05, 0.02
+in turn unless --sas-tau is given. Writes the JSON (--out) and the tables as markdown next to it (<stem>.md).
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+
+import common  # first: puts the repository root on sys.path and silences progress bars
+
+import torch  # noqa: E402
+import yapo  # noqa: E402
+
+FULL = {"multipliers": [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0], "max_train_pairs": None, "max_test_pairs": None,
+        "epochs": None}                                            # None: yapo.py's (or the preset's) epochs
+QUICK = {"multipliers": [-1.0, 0.0, 1.0, 4.0], "max_train_pairs": 8, "max_test_pairs": 4, "epochs": 1}
+METHODS = ("none", "CAA", "SAS", "BiPO", "YaPO")
+MODE = {"none": "dense", "CAA": "caa", "SAS": "sas", "BiPO": "dense", "YaPO": "sparse"}
+TINY_SAS_TAUS = (0.1, 0.05, 0.02)   # the tiny SAE's latents are rarer than Gemma Scope's: yapo's 0.7 keeps none
+
+
+def yapo_args(opts, rest):
+    """yapo.Args from yapo.py's own parser: --tiny unless a real model is named, so that --preset, --tiny
+    and explicit flags combine exactly as they do for yapo.py."""
+    argv = ["--behavior", opts.behavior, "--seed", str(opts.seed), "--data", opts.data]
+    for flag, value in (("--preset", opts.preset), ("--model", opts.model), ("--sae", opts.sae),
+                        ("--sae-id", opts.sae_id), ("--layer", opts.layer)):
+        if value not in (None, ""):
+            argv += [flag, str(value)]
+    tiny = not (opts.preset or opts.model)
+    return yapo.parse_args(argv + (["--tiny"] if tiny else []) + rest), tiny
+
+
+def build(method, model, tok, sae, train_pairs, args, tiny, sas_tau_given):
+    """v for one method, the SAE its hook needs (None: dense) and what to record about it."""
+    if method == "none":
+        return torch.zeros(model.config.hidden_size, device=model.device), None, {}
+    if method == "CAA":
+        return yapo.caa_vector(model, tok, train_pairs, args), None, {}
+    if method == "SAS":
+        taus = (args.sas_tau,) if sas_tau_given or not tiny else TINY_SAS_TAUS
+        for tau in taus:                                           # the first tau that keeps a latent
+            try:
+                return yapo.sas_vector(model, tok, sae, train_pairs, dataclasses.replace(args, sas_tau=tau)), sae, \
+                    {"sas_tau": tau}
+            except ValueError:
+                if tau == taus[-1]:
+                    raise
+    v, history = yapo.train(model, tok, sae if method == "YaPO" else None, train_pairs, args)
+    return v, (sae if method == "YaPO" else None), {"steps": len(history), "final_loss": history[-1]["loss"]}
+
+
+def at_kl(sweep, kl):
+    """Where drift KL first exceeds `kl` in the positive sweep (which starts at m = 0, drift 0): m linearly
+    interpolated between the first sweep point above `kl` and the one before it, and the behaviour score
+    interpolated the same way (and the margin). None if no point of the sweep exceeds `kl`."""
+    points = sorted((r for r in sweep if r["multiplier"] >= 0), key=lambda r: r["multiplier"])
+    assert points[0]["multiplier"] == 0, "the sweep must include m = 0"
+    for lo, hi in zip(points, points[1:]):
+        if hi["drift_kl"] > kl:                                    # the first to exceed, so lo["drift_kl"] <= kl
+            t = (kl - lo["drift_kl"]) / (hi["drift_kl"] - lo["drift_kl"])
+            at = lambda key: lo[key] + t * (hi[key] - lo[key]) if key in lo else None
+            return {"multiplier": at("multiplier"), "behavior_score": at("behavior_score"), "margin": at("margin"),
+                    "between": [lo["multiplier"], hi["multiplier"]]}
+    return None
+
+
+def summary_row(method, entry):
+    """One line of the table, from the method's evaluate rows."""
+    by_m = {r["multiplier"]: r for r in entry["rows"]}
+    lo, hi = by_m[-1.0], by_m[1.0]
+    mcq = hi.get("mcq") or {}
+    hit = entry["at_kl"]
+    return {"method": method, "build_s": entry["build_seconds"], "lam": entry["lam"],
+            "score_minus_1": lo["behavior_score"], "score_plus_1": hi["behavior_score"],
+            "margin_minus_1": lo.get("margin"), "margin_plus_1": hi.get("margin"),
+            "accuracy_minus_1": lo["accuracy"], "accuracy_plus_1": hi["accuracy"], "drift_kl_plus_1": hi["drift_kl"],
+            "mcq_accuracy_plus_1": mcq.get("accuracy"), "rca_plus_1": mcq.get("rca"), "pnlg_plus_1": mcq.get("pnlg"),
+            "m_at_kl": hit["multiplier"] if hit else "not reached",
+            "score_at_kl": hit["behavior_score"] if hit else "not reached",
+            "margin_at_kl": hit["margin"] if hit else "not reached"}
+
+
+def sweep_rows(methods):
+    """Per method, 'score / margin / drift KL' at each multiplier: the sweep the table is read from."""
+    cell = lambda r: f"{r['behavior_score']:.3f} / {common.fmt(r.get('margin'))} / {r['drift_kl']:.3g}"
+    return [{"method": name} | {r["multiplier"]: cell(r) for r in e["rows"]} for name, e in methods.items()]
+
+
+def main(argv=None):
+    p = common.parser(__file__, __doc__.strip().split("\n")[0])
+    p.add_argument("--behavior", default="power_seeking", help="which rows of --data (their `behavior` field)")
+    p.add_argument("--seed", type=int, default=0, help="one seed: the split, the tiny model, training")
+    p.add_argument("--data", default=str(common.DATA), help="preference pairs, as yapo.py --data")
+    p.add_argument("--kl", type=float, default=0.05, help="drift KL at which methods are compared at equal cost")
+    p.add_argument("--preset", default="", choices=["", *yapo.PRESETS], help="a yapo.py preset: the real run")
+    p.add_argument("--model", default=None, help="hub id or folder of the real model (no --tiny then)")
+    p.add_argument("--sae", default=None, help="sae-lens release or folder")
+    p.add_argument("--sae-id", default=None, help="SAE id inside the release")
+    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads and the hook steers")
+    opts, rest = p.parse_known_args(argv)
+    if opts.kl <= 0:
+        p.error("--kl must be positive: the drift KL at m = 0 is 0")
+    shapes = QUICK if opts.quick else FULL
+    args, tiny = yapo_args(opts, rest)
+    args.multipliers = shapes["multipliers"]
+    args.n_generations = 0     # the table reads no answers; evaluate still answers open culture prompts,
+    args.max_new_tokens = 1    # so keep those one token long
+    if shapes["epochs"]:
+        args.epochs = shapes["epochs"]
+    if tiny:
+        torch.set_num_threads(1)                                   # as yapo.py --tiny: tiny matrices lose on threads
+    sas_tau_given = any(a.split("=")[0] == "--sas-tau" for a in rest)
+
+    train_pairs, test_pairs = yapo.load_pairs(args)
+    if not test_pairs:
+        raise SystemExit("no held-out pairs: raise --test-fraction or mark rows split='test'")
+    args.mode = "sparse"                                           # so that setup loads the SAE too
+    model, tok, sae = yapo.setup(args, train_pairs)                # --tiny: built on the training pairs; sets layer
+    if any(p["rejected"] is None for p in train_pairs + test_pairs) or args.resample_rejected == "all":
+        yapo.sample_rejected(model, tok, train_pairs + test_pairs, args)   # as yapo.py: on-policy y_l
+    train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
+    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} held-out pairs, layer {args.layer}, "
+          f"multipliers {args.multipliers}" + ("  [tiny setup: mechanics only]" if tiny else ""), flush=True)
+
+    methods = {}
+    for method in METHODS:
+        margs = dataclasses.replace(args, mode=MODE[method])
+        if margs.lam == "auto":                                    # per method: latents and h differ in scale
+            margs.lam = 1.0 if method == "none" else yapo.auto_lam(
+                model, tok, sae if yapo.uses_sae(margs.mode) else None, train_pairs, margs)
+        t0 = time.perf_counter()
+        v, hook_sae, extra = build(method, model, tok, sae, train_pairs, margs, tiny, sas_tau_given)
+        seconds = time.perf_counter() - t0
+        rows = yapo.evaluate(model, tok, hook_sae, v, test_pairs, margs)["rows"]
+        methods[method] = {"mode": MODE[method], "space": "SAE latents" if hook_sae is not None else "residual stream",
+                           "lam": float(margs.lam), "build_seconds": seconds, "l0": int((v != 0).sum()),
+                           "norm": v.norm().item(), **extra, "rows": rows, "at_kl": at_kl(rows, opts.kl)}
+        print(f"{method:>5}: built in {seconds:.1f} s, evaluated", flush=True)
+
+    table = [summary_row(m, e) for m, e in methods.items()]
+    mcq = any(r["mcq_accuracy_plus_1"] is not None for r in table)     # culture data: rows with options
+    columns = [("method", "method"), ("build_s", "build s"), ("lam", "lam"), ("score_minus_1", "score m=-1"),
+               ("score_plus_1", "score m=+1"), ("margin_minus_1", "margin m=-1"), ("margin_plus_1", "margin m=+1"),
+               ("accuracy_minus_1", "acc m=-1"), ("accuracy_plus_1", "acc m=+1"),
+               ("drift_kl_plus_1", "drift KL m=+1")]
+    if mcq:
+        columns += [("mcq_accuracy_plus_1", "MCQ acc m=+1"), ("rca_plus_1", "RCA m=+1"), ("pnlg_plus_1", "PNLG m=+1")]
+    columns += [("m_at_kl", f"m at KL {opts.kl:g}"), ("score_at_kl", f"score at KL {opts.kl:g}"),
+                ("margin_at_kl", f"margin at KL {opts.kl:g}")]
+
+    setup = (f"yapo.tiny_setup (seed {args.seed}) with yapo.TINY_DEFAULTS" if tiny else
+             f"{args.model}, SAE {args.sae} / {args.sae_id}, layer {args.layer}")
+    note = ((common.TINY_NOTE + " MECHANICS ONLY: this table shows that every method runs end to end and how its "
+             "numbers are read, not which method steers better.") if tiny else
+            f"{len(test_pairs)} held-out pairs, one seed: read differences between methods with that sample in mind.")
+    note += (f" Each method is evaluated at m*lam*v with the lam in its row; vectors of different methods have "
+             f"different natural scales, so 'm at KL {opts.kl:g}' also compares them at equal drift instead of at "
+             f"equal m (interpolated in the sweep of m >= 0). Drift KL is KL(steered || unsteered) of the "
+             f"next-token distribution after each held-out prompt; scores at m = 0 are the unsteered model's "
+             f"for every method.")
+    title = (f"# Steering methods compared: {args.behavior}, seed {args.seed}"
+             + (" (tiny setup: MECHANICS ONLY)" if tiny else ""))
+    markdown = "\n".join([title, "", f"Setup: {setup}; {len(train_pairs)} training pairs, {len(test_pairs)} held-out "
+                          f"pairs; multipliers {args.multipliers}" + (" [QUICK: a smoke test]" if opts.quick else ""),
+                          "", common.markdown_table(table, columns), "", note, "",
+                          "Behaviour score / margin (nats) / drift KL at each multiplier:", "",
+                          common.markdown_table(sweep_rows(methods), [("method", "method")] + [
+                              (m, f"m={m:g}") for m in args.multipliers]), ""])
+    results = {"benchmark": "compare_methods", "quick": opts.quick, "tiny": tiny, "mechanics_only": tiny,
+               "setup": setup, "behavior": args.behavior, "seed": args.seed, "kl_threshold": opts.kl,
+               "shapes": shapes | {"train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
+                                   "d_model": model.config.hidden_size, "d_sae": sae.cfg.d_sae},
+               "args": dataclasses.asdict(args) | ({"data": common.DATA.name} if Path(args.data) == common.DATA
+                                                    else {}),
+               "machine": common.machine(), "methods": methods, "table": table,
+               "markdown": Path(opts.out).with_suffix(".md").name, "note": note}
+
+    print()
+    common.print_table(table, columns)
+    print("\n" + note)
+    common.write_json(opts.out, results)
+    Path(opts.out).with_suffix(".md").write_text(markdown)
+    print(f"wrote {Path(opts.out).with_suffix('.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

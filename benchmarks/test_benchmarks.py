@@ -1,0 +1,231 @@
+"""Smoke tests of the benchmark scripts: each runs in --quick mode as a subprocess (no GPU, no hub) and must
+write every JSON field it documents; values that can be checked independently and cheaply are checked too.
+
+    python -m pytest -q benchmarks/test_benchmarks.py
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+METHODS = ["none", "CAA", "SAS", "BiPO", "YaPO"]
+# test -> the script it runs with --quick, and extra flags; longest first (they start in this order).
+# culture_egypt: its MCQ rows with both forms exercise compare_methods' MCQ accuracy, RCA and PNLG columns too.
+RUNS = {"test_compare_methods_quick": ("compare_methods.py", "--behavior", "culture_egypt", "--kl", "0.002"),
+        "test_pruning_quick": ("bench_pruning.py",), "test_convergence_quick": ("bench_convergence.py",),
+        "test_train_step_quick": ("bench_train_step.py",), "test_generate_quick": ("bench_generate.py",)}
+
+
+class QuickRuns:
+    """The selected quick runs, started in test order, at most one per CPU at a time: each spends most of
+    its time importing sae_lens on one core, so on 2 cores two at a time take about half as long."""
+
+    def __init__(self, tests, tmp_path_factory):
+        self.env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {
+            "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+        self.waiting, self.running, self.tmp = list(tests), {}, tmp_path_factory
+        self.fill()
+
+    def fill(self):
+        while self.waiting and sum(p.poll() is None for p, _ in self.running.values()) < (os.cpu_count() or 1):
+            test = self.waiting.pop(0)
+            script, *extra = RUNS[test]
+            folder = self.tmp.mktemp(Path(script).stem)
+            with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:   # no pipe to fill
+                proc = subprocess.Popen([sys.executable, str(HERE / script), "--quick",
+                                         "--out", str(folder / "out.json"), *extra],
+                                        cwd=ROOT, env=self.env, stdout=stdout, stderr=stderr)
+            self.running[test] = (proc, folder)
+
+    def result(self, test):
+        """Wait for `test`'s run; returns (its JSON, its stdout, the folder it wrote to)."""
+        while test not in self.running:                 # selected out of order (e.g. -k): start it now
+            self.waiting.remove(test)
+            self.waiting.insert(0, test)
+            self.fill()
+        proc, folder = self.running[test]
+        deadline = time.monotonic() + 300
+        while proc.poll() is None:                      # keep every CPU busy meanwhile
+            self.fill()
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{RUNS[test][0]} --quick ran over 300 s")
+            time.sleep(0.2)
+        self.fill()
+        stdout = (folder / "stdout").read_text()
+        assert proc.returncode == 0, stdout[-2000:] + (folder / "stderr").read_text()[-3000:]
+        data = json.loads((folder / "out.json").read_text())
+        assert data["quick"] is True
+        assert "never real behaviour" in data["note"]
+        return data, stdout, folder
+
+    def stop(self):
+        for proc, _ in self.running.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def quick_runs(request, tmp_path_factory):
+    names = [getattr(item, "originalname", item.name) for item in request.session.items]
+    selected = [name for name in RUNS if name in names]
+    runs = QuickRuns(selected, tmp_path_factory)
+    yield runs
+    runs.stop()
+
+
+def quick_result(quick_runs, request):
+    return quick_runs.result(request.node.originalname)
+
+
+def has(d, keys):
+    missing = set(keys) - set(d)
+    assert not missing, f"missing fields {sorted(missing)}"
+
+
+def close(a, b, tol=1e-6):
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def test_compare_methods_quick(quick_runs, request):
+    data, stdout, folder = quick_result(quick_runs, request)   # --kl 0.002: some method crosses it in the sweep
+    has(data, ["benchmark", "quick", "tiny", "mechanics_only", "setup", "behavior", "seed", "kl_threshold", "shapes",
+               "args", "machine", "methods", "table", "markdown", "note"])
+    assert data["tiny"] and data["mechanics_only"] and "MECHANICS ONLY" in data["note"]
+    assert list(data["methods"]) == METHODS and [r["method"] for r in data["table"]] == METHODS
+    kl, sweep_ms = data["kl_threshold"], data["shapes"]["multipliers"]
+    assert -1.0 in sweep_ms and 0.0 in sweep_ms and 1.0 in sweep_ms
+    for row in data["table"]:
+        has(row, ["method", "build_s", "lam", "score_minus_1", "score_plus_1", "margin_minus_1", "margin_plus_1",
+                  "accuracy_minus_1", "accuracy_plus_1", "drift_kl_plus_1", "mcq_accuracy_plus_1", "rca_plus_1",
+                  "pnlg_plus_1", "m_at_kl", "score_at_kl", "margin_at_kl"])
+        assert row["mcq_accuracy_plus_1"] is not None                     # culture_egypt has MCQ rows
+    unsteered = None
+    for name, m in data["methods"].items():
+        has(m, ["mode", "space", "lam", "build_seconds", "l0", "norm", "rows", "at_kl"])
+        assert [r["multiplier"] for r in m["rows"]] == sweep_ms
+        by_m = {r["multiplier"]: r for r in m["rows"]}
+        assert all("mcq" in r for r in m["rows"])
+        row = next(r for r in data["table"] if r["method"] == name)
+        assert row["score_plus_1"] == by_m[1.0]["behavior_score"] and row["drift_kl_plus_1"] == by_m[1.0]["drift_kl"]
+        assert row["mcq_accuracy_plus_1"] == by_m[1.0]["mcq"]["accuracy"]
+        unsteered = unsteered or by_m[0.0]
+        assert close(by_m[0.0]["behavior_score"], unsteered["behavior_score"])   # m = 0: no steering at all
+        assert abs(by_m[0.0]["drift_kl"]) < 1e-9
+        positive = sorted((r for r in m["rows"] if r["multiplier"] >= 0), key=lambda r: r["multiplier"])
+        hit = m["at_kl"]
+        if hit is None:
+            assert row["m_at_kl"] == row["score_at_kl"] == row["margin_at_kl"] == "not reached"
+            assert all(r["drift_kl"] <= kl for r in positive)
+        else:                                    # the first bracket of the sweep around the threshold, interpolated
+            i = next(i for i, r in enumerate(positive) if r["drift_kl"] > kl)
+            lo, hi = positive[i - 1], positive[i]
+            assert hit["between"] == [lo["multiplier"], hi["multiplier"]]
+            assert lo["multiplier"] <= hit["multiplier"] <= hi["multiplier"] and row["m_at_kl"] == hit["multiplier"]
+            t = (kl - lo["drift_kl"]) / (hi["drift_kl"] - lo["drift_kl"])
+            assert close(hit["multiplier"], lo["multiplier"] + t * (hi["multiplier"] - lo["multiplier"]))
+            score = lo["behavior_score"] + t * (hi["behavior_score"] - lo["behavior_score"])
+            assert close(hit["behavior_score"], score) and row["score_at_kl"] == hit["behavior_score"]
+            assert close(hit["margin"], lo["margin"] + t * (hi["margin"] - lo["margin"]))
+    assert any(m["at_kl"] for m in data["methods"].values()), "no method crossed --kl: the check above is empty"
+    none = data["methods"]["none"]
+    assert none["l0"] == 0 and none["at_kl"] is None
+    assert len({(r["behavior_score"], r["margin"], r["accuracy"], r["mcq"]["accuracy"]) for r in none["rows"]}) == 1
+    assert all(r["drift_kl"] == 0 for r in none["rows"])
+    assert data["methods"]["SAS"]["l0"] > 0 and data["methods"]["YaPO"]["space"] == "SAE latents"
+    markdown = (folder / data["markdown"]).read_text()
+    assert "MECHANICS ONLY" in markdown and all(f"| {name} |" in markdown for name in METHODS)
+    assert "RCA m=+1" in markdown and "MECHANICS ONLY" in stdout
+
+
+def test_pruning_quick(quick_runs, request):
+    data, _, _ = quick_result(quick_runs, request)
+    has(data, ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"])
+    d_sae = data["shapes"]["d_sae"]
+    assert [str(r["k"]) for r in data["rows"]] == ["8", "32", "128", f"all ({d_sae})"]
+    for r in data["rows"]:
+        has(r, ["k", "latents", "norm_share", "score_minus_1", "score_0", "score_plus_1", "margin_minus_1",
+                "margin_plus_1", "accuracy_minus_1", "accuracy_plus_1", "effect", "share_of_effect", "drift_kl_plus_1"])
+        assert r["latents"] == (min(r["k"], d_sae) if isinstance(r["k"], int) else d_sae)
+        assert close(r["effect"], r["score_plus_1"] - r["score_minus_1"])
+    # m = 0 steers nothing: the same unsteered score whatever the pruning
+    assert len({round(r["score_0"], 6) for r in data["rows"]}) == 1
+    shares = [r["norm_share"] for r in data["rows"]]
+    assert all(x <= y + 1e-6 for x, y in zip(shares, shares[1:])) and close(shares[-1], 1.0)
+    assert data["vector"]["l0"] <= d_sae
+
+
+def test_convergence_quick(quick_runs, request):
+    data, _, folder = quick_result(quick_runs, request)
+    has(data, ["benchmark", "quick", "shapes", "machine", "decoder_row_norm", "summary", "curves", "png", "note"])
+    shapes = data["shapes"]
+    assert {(s["size"], s["method"]) for s in data["summary"]} == {
+        (size, m) for size in ("tiny", "small") for m in ("YaPO", "BiPO")}
+    thresholds = [f"steps_to_loss_below_{t}" for t in shapes["loss_thresholds"]]
+    for s in data["summary"]:
+        has(s, thresholds + ["size", "method", "steps_to_accuracy_1", "min_loss", "last_epoch_loss", "seconds_per_run"])
+        for metric in thresholds + ["steps_to_accuracy_1", "min_loss", "last_epoch_loss"]:
+            has(s[metric], ["mean", "std", "reached", "per_seed"])
+            assert len(s[metric]["per_seed"]) == len(shapes["seeds"])
+        curve = data["curves"][s["size"]]["sparse" if s["method"] == "YaPO" else "dense"]
+        for seed_losses, lowest in zip(curve["loss"], s["min_loss"]["per_seed"]):
+            assert len(seed_losses) == shapes["steps"] and abs(min(seed_losses) - lowest) < 1e-4
+    for size in ("tiny", "small"):
+        has(shapes["sizes"][size], ["hidden_size", "layers", "layer", "d_sae"])
+    assert (folder / data["png"]).stat().st_size > 0
+
+
+def test_train_step_quick(quick_runs, request):
+    data, _, _ = quick_result(quick_runs, request)
+    assert set(data) == {"benchmark", "quick", "shapes", "machine", "measured", "variants", "ratios", "targets",
+                         "b_c_loss_max_abs_difference", "authors_trainer_same_machine", "note"}
+    assert data["authors_trainer_same_machine"] | {"how": None} == {
+        "how": None, "sparse_s_per_step": 12.3, "dense_s_per_step": 12.2, "sparse_peak_rss_gb": 8.1,
+        "dense_peak_rss_gb": 8.0, "forwards_per_step": 2,
+        "this_script_same_session": {"b_yapo_s_per_step": 0.93, "b_yapo_peak_rss_gb": 1.49, "a_floor_s_per_step": 0.85}}
+    assert "not measured by this repo's scripts" in data["authors_trainer_same_machine"]["how"]
+    shapes = data["shapes"]
+    assert set(data["variants"]) == {"a_floor", "b_yapo", "c_naive"}
+    for name, v in data["variants"].items():
+        has(v, ["median_step_s", "median_cpu_s", "step_s", "peak_growth_mb", "peak_rss_mb", "baseline_rss_mb",
+                "losses_first_round"])
+        assert len(v["step_s"]) == shapes["rounds"] * shapes["steps"][name]
+        assert v["median_step_s"] == statistics.median(v["step_s"])
+        assert len(v["losses_first_round"]) == shapes["warmup"] + shapes["steps"][name]
+        assert v["peak_rss_mb"] >= v["baseline_rss_mb"] > 0
+    has(data["ratios"], ["b_over_a", "c_over_b", "b_over_a_cpu", "c_over_b_cpu"])
+    a, b, c = (data["variants"][n]["median_step_s"] for n in ("a_floor", "b_yapo", "c_naive"))
+    assert close(data["ratios"]["b_over_a"], b / a) and close(data["ratios"]["c_over_b"], c / b)
+    # (b) and (c) compute the same loss two ways (one reference pass up front vs. one per step, one vs. two decodes)
+    assert data["b_c_loss_max_abs_difference"] < 1e-3
+    assert shapes["batch_shape"][0] == 2 * len(shapes["prompt_lens"])
+
+
+def test_generate_quick(quick_runs, request):
+    data, _, _ = quick_result(quick_runs, request)
+    has(data, ["benchmark", "quick", "shapes", "machine", "measured", "unsteered_ms_per_token", "variants",
+               "target", "note"])
+    shapes = data["shapes"]
+    assert set(data["variants"]) == {"unsteered", "dense", "sparse full", f"sparse top-{shapes['top_k']}"}
+    for v in data["variants"].values():
+        has(v, ["median_s", "tokens_per_s", "relative_to_unsteered", "seconds", "hook_us_per_token",
+                "hook_share_of_token_time"])
+        assert len(v["seconds"]) == shapes["repeats"]
+        assert v["median_s"] == statistics.median(v["seconds"])
+        assert close(v["tokens_per_s"], shapes["batch"] * shapes["new_tokens"] / v["median_s"])
+    unsteered = data["variants"]["unsteered"]
+    assert unsteered["relative_to_unsteered"] == 1.0 and unsteered["hook_us_per_token"] == 0.0
+    assert close(data["unsteered_ms_per_token"], 1000 * unsteered["median_s"] / shapes["new_tokens"])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
