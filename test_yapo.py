@@ -683,8 +683,10 @@ def test_open_ended_culture_answers_are_generated_for_a_judge(tiny, args):
     model, tok, sae = tiny
     test = load("culture_lebanon", format="open")[1]
     result = yapo.evaluate(model, tok, sae, torch.zeros(sae.cfg.d_sae), test,
-                           replace(args, multipliers=[0.0, 1.0], n_generations=0))
+                           replace(args, multipliers=[0.0, 1.0], n_generations=1))
     assert len(result["generations"]) == 2 * len(test)
+    assert yapo.evaluate(model, tok, sae, torch.zeros(sae.cfg.d_sae), test,
+                         replace(args, multipliers=[0.0], n_generations=0))["generations"] == []
     g = result["generations"][0]
     assert set(g) >= {"prompt", "multiplier", "answer", "country", "localized"} and g["country"] == "lebanon"
 
@@ -1104,6 +1106,7 @@ def test_presets_set_the_papers_setup_and_explicit_flags_win():
     assert yapo.parse_args(["--preset", "cpu"]).lam == "auto"
     assert yapo.parse_args(["--tiny"]).lam == float(yapo.TINY_DEFAULTS["lam"])
     assert yapo.parse_args(["--tiny", "--lam", "2"]).lam == 2.0
+    assert yapo.parse_args(["--tiny", "--mode", "caa"]).lam == 1.0       # mean differences: activation units
 
 
 @pytest.fixture(scope="session")
@@ -1175,23 +1178,27 @@ def run_cli(*argv, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_tiny_culture_run_prints_the_papers_metrics_then_eval_only_with_top_k(tmp_path):
-    common = ["--tiny", "--data", str(DATA), "--out-dir", str(tmp_path), "--n-generations", "0",
-              "--max-new-tokens", "4", "--behavior", "culture_egypt", "--format", "mcq"]
-    first = run_cli("--epochs", "1", *common, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "toy" in first.stdout and re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", first.stdout)
+def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
+    result = run_cli("--tiny", "--data", str(DATA), "--out-dir", str(tmp_path), "--n-generations", "0", "--epochs", "1",
+                     "--behavior", "culture_egypt", "--format", "mcq", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "toy" in result.stdout and re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", result.stdout)
     (run,) = tmp_path.iterdir()
     results = json.loads((run / "results.json").read_text())
     assert [r["multiplier"] for r in results["eval"]["rows"]] == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert all({"rca", "pnlg", "per_country"} <= set(r["mcq"]) for r in results["eval"]["rows"])
     assert results["args"]["lam"] == float(yapo.TINY_DEFAULTS["lam"])
 
-    second = run_cli("--eval-only", "--vector", str(run / "vector.safetensors"), "--top-k", "8",
-                     "--multipliers", "0", "1", *common, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert "top 8 latents" in second.stdout
-    assert len(list(tmp_path.iterdir())) == 2 and (run / "vector.safetensors").is_file()  # a new folder each run
+
+def test_eval_only_with_top_k_writes_a_new_run_and_leaves_the_first_untouched(saved_tiny, tmp_path, capsys):
+    common = ["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+              "--device", "cpu", "--multipliers", "0", "1", "--n-generations", "0", "--out-dir", str(tmp_path)]
+    yapo.main(common + ["--epochs", "1"])
+    (run,) = tmp_path.iterdir()
+    saved = (run / "vector.safetensors").read_bytes()
+    yapo.main(common + ["--eval-only", "--vector", str(run / "vector.safetensors"), "--top-k", "8"])
+    assert "top 8 latents" in capsys.readouterr().out
+    assert len(list(tmp_path.iterdir())) == 2 and (run / "vector.safetensors").read_bytes() == saved
 
 
 def test_a_refused_vector_writes_nothing_and_names_the_mismatch(saved_tiny, tmp_path):

@@ -109,7 +109,8 @@ class Args:
     # evaluation
     multipliers: list[float] = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
     top_k: int = arg(0, "evaluate the sparse vector pruned to its top-K latents by |v| (0 = all)")
-    n_generations: int = arg(3, "held-out prompts to answer greedily at each multiplier")
+    n_generations: int = arg(3, "held-out prompts to answer greedily at each multiplier, plus every open-ended "
+                                "culture row for a judge (0: none)")
     max_new_tokens: int = arg(48, "length of those greedy answers")
     mcq_generate: bool = arg(False, "also score MCQ rows by a greedy answer parsed for \\boxed{k}, (A) or A")
     pnlg_alpha: float = arg(1.0, "alpha in PNLG (Eq. 5): the gap is divided by mean performance ** alpha")
@@ -680,11 +681,12 @@ def evaluate(model, tok, sae, v, pairs, args):
     """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
     pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
     distribution after each prompt; for MCQ pairs the paper's metrics (mcq_metrics). Plus greedy answers
-    for the first --n-generations prompts and for every open-ended pair that has a country.
+    for the first --n-generations prompts and, unless that is 0, for every open-ended pair with a country.
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
-    speak = [p for i, p in enumerate(pairs) if i < args.n_generations or (p["format"] == "open" and p["country"])]
+    speak = [p for i, p in enumerate(pairs)                      # --n-generations 0: no generation at all
+             if args.n_generations and (i < args.n_generations or (p["format"] == "open" and p["country"]))]
     base_next = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
     rows, generations = [], []
     for m in args.multipliers:
@@ -941,7 +943,8 @@ def check_sae_fits_model(model, sae, layer):
 
 
 def setup(args, pairs):
-    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other."""
+    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other.
+    With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id."""
     device, dtype = pick_device_dtype(args.device)
     if args.tiny:
         args.layer = TINY_LAYER
@@ -966,7 +969,10 @@ def parse_args(argv=None) -> Args:
     """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
     parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
     first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
-    parser.set_defaults(**(PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})))
+    defaults = PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})
+    if first.mode in ("caa", "sas"):                              # mean differences are in activation units
+        defaults["lam"] = "1"
+    parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(argv)[0]
 
 
