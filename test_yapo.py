@@ -806,6 +806,10 @@ def test_the_authors_deep_culture_lense_columns_are_read_per_format_and_model(tm
     (mcq,), _ = pairs_from(path, "x", format="mcq", test_fraction=0.0)
     assert (mcq["prompt"], mcq["chosen"], mcq["rejected"]) == (AUTHOR_ROW["prompt-mcq"], "\\boxed{1}", "I would say \\boxed{2}")
     assert mcq["format"] == "mcq" and mcq["localized"] is False and mcq["country"] == "egypt"
+    many = write_jsonl(tmp_path / "many.jsonl", [AUTHOR_ROW | {"prompt-mcq": AUTHOR_ROW["prompt-mcq"] + f" ({i})"}
+                                                 for i in range(10)])
+    train, test = pairs_from(many, "x", format="mcq", test_fraction=0.2)   # rows without a group split one by one
+    assert (len(train), len(test)) == (8, 2)
     (open_,), _ = pairs_from(path, "x", format="open", model="google/gemma-2-9b-it", test_fraction=0.0)
     assert (open_["prompt"], open_["rejected"]) == ("What do we eat?", "Pasta.")
 

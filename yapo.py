@@ -232,7 +232,7 @@ def normalize_row(row, where, args):
     country = str(row.get("country") or "").lower()
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected or None,
             "split": row.get("split") or None, "country": country, "localized": localized, "format": fmt,
-            "group": str(row.get("group") or f"country:{country}"), "where": where}
+            "group": str(row["group"]) if row.get("group") else None, "where": where}
 
 
 def load_pairs(args, need_train=True):
@@ -257,13 +257,13 @@ def load_pairs(args, need_train=True):
         raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
                          f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
                          f"{sorted(seen['behavior']) or 'none'}" + (f"; {args.behavior} rows have {found}" if found else ""))
-    groups = defaultdict(list)
+    groups = defaultdict(list)                                  # the units of the split: a group, or one row
     for p in pairs:
-        groups[p["group"] if p["group"] != "country:" else p["where"]].append(p)
+        groups[p["group"] or p["where"]].append(p)
     if args.localization == "both":
         for name, members in groups.items():
             forms = {p["localized"] for p in members}
-            if not name.startswith("country:") and None not in forms and forms != {True, False}:
+            if members[0]["group"] and None not in forms and forms != {True, False}:
                 raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
                                  f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
                                  f"or keep one form with --localization")
@@ -655,7 +655,7 @@ def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
     forms = defaultdict(lambda: {True: [], False: []})
     for p, c in zip(pairs, correct):
         if p["localized"] is not None:
-            forms[p["group"]][p["localized"]].append(c)
+            forms[p["group"] or "country:" + p["country"]][p["localized"]].append(c)   # no group: the country
     both = [(mean(f[True]), mean(f[False])) for f in forms.values() if f[True] and f[False]]
     if both:
         out["rca"] = mean([2 * a * b / (a + b) if a + b else 0.0 for a, b in both])          # <- Eq. 6
