@@ -68,7 +68,7 @@ def arg(default, help):
 @dataclass
 class Args:
     # what to steer
-    behavior: str = arg("power_seeking", "which rows of --data to use (their `behavior` field; rows without one always)")
+    behavior: str = arg("power_seeking", "which rows of --data to use (their `behavior` field; rows without one: all)")
     data: str = arg("data_sample.jsonl", ".jsonl/.csv file, a folder saved by `datasets`, or a hub dataset id")
     format: Literal["any", "mcq", "open"] = arg("any", "keep MCQ rows, open-ended rows, or both (README: data format)")
     country: str = arg("", "keep rows of this `country` only (empty: all)")
@@ -256,7 +256,8 @@ def load_pairs(args, need_train=True):
         found = "; ".join(f"{k} {sorted(seen[k])}" for k in ("format", "country", "localized") if seen[k])
         raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
                          f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
-                         f"{sorted(seen['behavior']) or 'none'}" + (f"; {args.behavior} rows have {found}" if found else ""))
+                         f"{sorted(seen['behavior']) or 'none'}"
+                         + (f"; {args.behavior} rows have {found}" if found else ""))
     groups = defaultdict(list)                                  # the units of the split: a group, or one row
     for p in pairs:
         groups[p["group"] or p["where"]].append(p)
@@ -679,9 +680,10 @@ def mcq_metrics(pairs, picks, args):
 @torch.no_grad()
 def evaluate(model, tok, sae, v, pairs, args):
     """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
-    pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x); drift = mean KL(steered || unsteered) of the next-token
-    distribution after each prompt; for MCQ pairs the paper's metrics (mcq_metrics). Plus greedy answers
-    for the first --n-generations prompts and, unless that is 0, for every open-ended pair with a country.
+    pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x) in nats; drift = mean
+    KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ pairs the paper's
+    metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and, unless that is 0,
+    for every open-ended pair with a country.
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
@@ -992,7 +994,8 @@ def build_vector(model, tok, sae, train_pairs, args, save_to):
     """v for --mode: trained (sparse = YaPO, dense = BiPO) or computed in one pass (caa, sas)."""
     if args.mode in ("sparse", "dense"):
         return train(model, tok, sae, train_pairs, args, save_to=save_to)
-    v = caa_vector(model, tok, train_pairs, args) if args.mode == "caa" else sas_vector(model, tok, sae, train_pairs, args)
+    v = caa_vector(model, tok, train_pairs, args) if args.mode == "caa" else \
+        sas_vector(model, tok, sae, train_pairs, args)
     save_vector(save_to, v, args, sae)
     return v, []
 
