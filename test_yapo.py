@@ -1035,6 +1035,14 @@ def test_a_sparse_export_reports_its_linearisation_error_against_an_independent_
 def test_block_zero_cannot_be_exported_for_llama_cpp(tiny, tmp_path):
     with pytest.raises(ValueError, match="block 0"):
         yapo.export_gguf(tmp_path / "v.gguf", torch.zeros(64), 0, tiny[0])
+    assert not (tmp_path / "v.gguf").exists()
+
+
+def test_an_export_llama_cpp_cannot_load_is_refused_before_training(saved_tiny, tmp_path):
+    with pytest.raises(ValueError, match="block 0"):
+        yapo.main(["--model", str(saved_tiny / "model"), "--mode", "dense", "--layer", "0", "--device", "cpu",
+                   "--export-gguf", str(tmp_path / "v.gguf"), "--out-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------------- models, SAEs, settings

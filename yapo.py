@@ -818,14 +818,20 @@ def control_direction(v, sae, coeff):
     return (coeff * v).float() if sae is None else (coeff * v).to(sae.W_dec.dtype) @ sae.W_dec
 
 
-def export_gguf(path, direction, layer, model):
-    """Write a llama.cpp control vector: llama.cpp adds tensor direction.L at the output of block L."""
+def gguf_for_layer(layer):
+    """The gguf package, once we know llama.cpp can steer `layer` (it refuses direction.0)."""
     try:
         import gguf
     except ImportError:
         raise ValueError("--export-gguf needs the gguf package: pip install gguf") from None
     if layer == 0:
         raise ValueError("llama.cpp control vectors cannot steer block 0 (direction.0 is refused there)")
+    return gguf
+
+
+def export_gguf(path, direction, layer, model):
+    """Write a llama.cpp control vector: llama.cpp adds tensor direction.L at the output of block L."""
+    gguf = gguf_for_layer(layer)
     writer = gguf.GGUFWriter(str(path), "controlvector")
     writer.add_string("controlvector.model_hint", model.config.model_type)
     writer.add_uint32("controlvector.layer_count", len(decoder_layers(model)))
@@ -1014,6 +1020,8 @@ def main(argv=None):
         print("NOTE: --tiny is a toy: a 4-layer model and an SAE trained for seconds on a few hundred sentences. "
               "It shows the mechanics; its numbers say nothing about real models.")
     loaded = load_vector(args.vector, args, sae, model.config.hidden_size, model.device) if args.eval_only else None
+    if args.export_gguf:
+        gguf_for_layer(args.layer)                                # refuse before training, not after
     run = new_run_dir(args)                                       # only after every check that can refuse the run
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
           f"layer {args.layer}; writing to {run}")
