@@ -83,7 +83,7 @@ class Args:
     preset: Literal["", "paper-2b", "paper-9b", "cpu"] = arg("", "the paper's setups, or a real model on a CPU; "
                                                              "explicit flags win (see PRESETS)")
     tiny: bool = arg(False, "offline toy: a tiny Gemma-2, tokenizer and SAE trained here for seconds on the training "
-                            "pairs (layer 2 of 4; sets lam 10, lr 5e-3, 20 warm-up steps unless given)")
+                            "pairs (layer 2 of 4; sets lam 10, lr 5e-3, 20 warm-up steps, SAS tau 0.1 unless given)")
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
@@ -970,7 +970,7 @@ def setup(args, pairs):
 # ----------------------------------------------------------------------------------------------------
 # main: data -> model and SAE -> train or build (or load) -> evaluate -> interpret -> export -> results.json
 
-TINY_DEFAULTS = dict(lam="10", lr=5e-3, warmup_steps=20)   # chosen on a validation split (README: the tiny run)
+TINY_DEFAULTS = dict(lam="10", lr=5e-3, warmup_steps=20, sas_tau=0.1)   # README: the tiny run
 
 
 def parse_args(argv=None) -> Args:
