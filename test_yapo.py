@@ -1119,6 +1119,7 @@ def test_presets_set_the_papers_setup_and_explicit_flags_win():
     assert yapo.parse_args(["--tiny"]).lam == float(yapo.TINY_DEFAULTS["lam"])
     assert yapo.parse_args(["--tiny", "--lam", "2"]).lam == 2.0
     assert yapo.parse_args(["--tiny", "--mode", "caa"]).lam == 1.0       # mean differences: activation units
+    assert yapo.parse_args(["--tiny", "--mode", "sas"]).sas_tau == yapo.TINY_DEFAULTS["sas_tau"] < yapo.Args().sas_tau
 
 
 @pytest.fixture(scope="session")
