@@ -191,7 +191,7 @@ def test_train_step_quick(quick_runs, request):
     assert data["authors_trainer_same_machine"] | {"how": None} == {
         "how": None, "sparse_s_per_step": 12.3, "dense_s_per_step": 12.2, "sparse_peak_rss_gb": 8.1,
         "dense_peak_rss_gb": 8.0, "forwards_per_step": 2,
-        "this_script_same_session": {"b_yapo_s_per_step": 0.93, "b_yapo_peak_rss_gb": 1.49, "a_floor_s_per_step": 0.85}}
+        "this_script_back_to_back": {"b_yapo_s_per_step": 0.93, "b_yapo_peak_rss_gb": 1.49, "a_floor_s_per_step": 0.85}}
     assert "not measured by this repo's scripts" in data["authors_trainer_same_machine"]["how"]
     shapes = data["shapes"]
     assert set(data["variants"]) == {"a_floor", "b_yapo", "c_naive"}
