@@ -157,8 +157,8 @@ def option_labels(prompt):
 
 
 def answer_label(text):
-    """The option an answer picks: \\boxed{k}, a leading (A), or a bare label such as 'B' or 'B.'."""
-    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.match(rf"\s*\(({LABEL})\)", text)
+    """The option an answer picks: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
+    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
              or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
     return found.group(1) if found else None
 
@@ -258,26 +258,22 @@ def load_pairs(args, need_train=True):
                          f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
                          f"{sorted(seen['behavior']) or 'none'}"
                          + (f"; {args.behavior} rows have {found}" if found else ""))
-    groups = defaultdict(list)                                  # the units of the split: a group, or one row
+    units = defaultdict(list)                   # what the split moves as one: a question's group, or one row
     for p in pairs:
-        groups[p["group"] or p["where"]].append(p)
-    if args.localization == "both":
-        for name, members in groups.items():
-            forms = {p["localized"] for p in members}
-            if members[0]["group"] and None not in forms and forms != {True, False}:
-                raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
-                                 f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
-                                 f"or keep one form with --localization")
+        units[p["group"] or p["where"]].append(p)
     unassigned = []
-    for name, members in groups.items():
-        splits = {p["split"] for p in members} - {None}
+    for name, members in units.items():
+        forms, splits = {p["localized"] for p in members}, {p["split"] for p in members} - {None}
+        if args.localization == "both" and members[0]["group"] and None not in forms and len(forms) == 1:
+            raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
+                             f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
+                             f"or keep one form with --localization")
         if len(splits) > 1:
             raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
                              f"give all of its rows the same split")
-        if splits:
-            for p in members:
-                p["split"] = next(iter(splits))
-        else:
+        for p in members:
+            p["split"] = next(iter(splits), None)
+        if not splits:
             unassigned.append(members)
     random.Random(args.seed).shuffle(unassigned)
     n_test = round(len(unassigned) * args.test_fraction)
@@ -299,6 +295,11 @@ def chat_prompt(tok, prompt):
                                    add_generation_prompt=True)
 
 
+def prompt_ids(tok, prompt):
+    """Token ids of the chat prompt (its template already holds <bos>, so no special tokens are added)."""
+    return tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+
+
 def response_ids(tok, text, authors_scoring=False):
     """Token ids of a response. The authors' trainer scores ' ' + text + <eos>; plain scoring keeps the text."""
     ids = tok((" " + text) if authors_scoring else text, add_special_tokens=False)["input_ids"]
@@ -308,8 +309,7 @@ def response_ids(tok, text, authors_scoring=False):
 def tokenize_pair(tok, pair, authors_scoring=False):
     """Token ids of x, y_w and y_l, tokenized separately so the scored ids are exactly the response's
     (tokenizing prompt+response as one string could merge tokens across the boundary)."""
-    prompt = tok(chat_prompt(tok, pair["prompt"]), add_special_tokens=False)["input_ids"]  # the template has <bos>
-    return (prompt, response_ids(tok, pair["chosen"], authors_scoring),
+    return (prompt_ids(tok, pair["prompt"]), response_ids(tok, pair["chosen"], authors_scoring),
             response_ids(tok, pair["rejected"], authors_scoring))
 
 
@@ -412,17 +412,10 @@ def sequence_logprobs(model, batch):
     return torch.zeros(len(ids), device=ids.device).index_add(0, predicts.nonzero()[:, 0], token_logp)
 
 
-@torch.no_grad()
-def reference_logprobs(model, tokenized, batch_size, pad_id, device):
-    """log p_0(y_w|x) and log p_0(y_l|x) of every pair with steering off. Nothing in p_0 trains, so these
-    are constants: computed once here instead of by a second forward at every step."""
-    ref_w, ref_l = [], []
-    for i in range(0, len(tokenized), batch_size):
-        chunk = tokenized[i:i + batch_size]
-        logp = sequence_logprobs(model, collate_pairs(chunk, pad_id, device))
-        ref_w.append(logp[:len(chunk)])
-        ref_l.append(logp[len(chunk):])
-    return torch.cat(ref_w), torch.cat(ref_l)
+def pair_logprobs(model, tokenized, batch_size, pad_id):
+    """log p(y_w|x) and log p(y_l|x) of every tokenized pair, a batch at a time: [2, n]."""
+    return torch.cat([sequence_logprobs(model, collate_pairs(tokenized[i:i + batch_size], pad_id, model.device))
+                      .view(2, -1) for i in range(0, len(tokenized), batch_size)], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,8 +446,7 @@ def preference_loss(model, sae, v, batch, ref_w, ref_l, d, args):
 def auto_lam(model, tok, sae, pairs, args):
     """--lam auto: one typical size of what v moves, so that lr-sized steps in v matter at any activation
     scale. Sparse: the median active latent on the training prompts; dense: median ||h|| / sqrt(d_model)."""
-    prompts = [tok(chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"] for p in pairs[:64]]
-    batch = collate([(p, []) for p in prompts], tok.pad_token_id, model.device)
+    batch = collate([(prompt_ids(tok, p["prompt"]), []) for p in pairs[:64]], tok.pad_token_id, model.device)
     h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
     h = h[batch["attention_mask"].bool()][:, None].float()           # [n_tokens, 1, d_model]
     if sae is None:
@@ -471,8 +463,9 @@ def train(model, tok, sae, pairs, args, save_to=None):
         sae.requires_grad_(False)
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     n = len(tokenized)
-    if args.reference == "unsteered":
-        ref_w, ref_l = reference_logprobs(model, tokenized, args.batch_size, tok.pad_token_id, device)
+    if args.reference == "unsteered":       # p_0 never changes: its log-probs once, not a forward per step
+        with torch.no_grad():
+            ref_w, ref_l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
     else:                                                         # --reference none: no reference term
         ref_w = ref_l = torch.zeros(n, device=device)
 
@@ -538,7 +531,7 @@ def contrast_activations(model, tok, sae, pairs, args):
     [n_positions, d] float32 tensors, one entry per pair."""
     reads = {"w": [], "l": []}
     for p in pairs:
-        prompt = tok(chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tok, p["prompt"])
         for side, text in (("w", p["chosen"]), ("l", p["rejected"])):
             ids = prompt + response_ids(tok, text, args.authors_scoring)
             h = residual_stream(model, args.layer, torch.tensor([ids], device=model.device))[0]
@@ -579,7 +572,7 @@ def sas_vector(model, tok, sae, pairs, args):
 @torch.no_grad()
 def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
     """Greedy (temperature 0) or seeded sampled answer to one prompt."""
-    ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    ids = torch.tensor([prompt_ids(tok, prompt)], device=model.device)
     sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     if temperature > 0:
         torch.manual_seed(seed)
@@ -602,25 +595,13 @@ def sample_rejected(model, tok, pairs, args):
     return pairs
 
 
-def pair_logprobs(model, tok, pairs, args):
-    """log p(y_w|x) and log p(y_l|x) of every pair: two [n] tensors."""
-    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
-    out = []
-    for i in range(0, len(tokenized), args.batch_size):
-        logp = sequence_logprobs(model, collate_pairs(tokenized[i:i + args.batch_size], tok.pad_token_id,
-                                                      model.device))
-        out.append(logp.view(2, -1))
-    return torch.cat(out, dim=1)
-
-
 def next_token_logprobs(model, tok, prompts, batch_size):
     """log p(next token | x) right after each chat prompt: [n, V] (for the drift metric)."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
-        batch = collate([(p, []) for p in chunk], tok.pad_token_id, model.device)
+        batch = collate([(prompt_ids(tok, p), []) for p in prompts[i:i + batch_size]], tok.pad_token_id, model.device)
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        last = hidden[torch.arange(len(chunk), device=model.device), batch["prompt_lens"] - 1]
+        last = hidden[torch.arange(len(hidden), device=model.device), batch["prompt_lens"] - 1]
         out.append(lm_head_logits(model, last).float().log_softmax(-1))
     return torch.cat(out)
 
@@ -638,7 +619,7 @@ def mcq_choices(model, tok, pairs, args):
         labels, gold = option_labels(p["prompt"]), answer_label(p["chosen"])
         form = p["chosen"].strip()
         form = re.search(rf"\\boxed\{{\s*\(?{gold}\)?\s*\}}", form) or re.match(rf"\(?{gold}\)?", form)
-        prompt = tok(chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tok, p["prompt"])
         options = [(prompt, response_ids(tok, form.group(0).replace(gold, k), False)) for k in labels]
         picks.append(labels[sequence_logprobs(model, collate(options, tok.pad_token_id, model.device)).argmax()])
     return picks
@@ -687,13 +668,14 @@ def evaluate(model, tok, sae, v, pairs, args):
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
+    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     speak = [p for i, p in enumerate(pairs)                      # --n-generations 0: no generation at all
              if args.n_generations and (i < args.n_generations or (p["format"] == "open" and p["country"]))]
     base_next = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
     rows, generations = [], []
     for m in args.multipliers:
         with steering(model, args.layer, v, m * args.lam, sae):
-            logp_w, logp_l = pair_logprobs(model, tok, pairs, args)
+            logp_w, logp_l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
             next_logp = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
             row = {"multiplier": m, "behavior_score": torch.sigmoid(logp_w - logp_l).mean().item(),
                    "accuracy": (logp_w > logp_l).float().mean().item(),
@@ -701,15 +683,13 @@ def evaluate(model, tok, sae, v, pairs, args):
                    "drift_kl": drift_kl(next_logp, base_next).mean().item()}
             if mcq:
                 row["mcq"] = mcq_metrics(mcq, mcq_choices(model, tok, mcq, args), args)
-            answers = {id(p): generate(model, tok, p["prompt"], args.max_new_tokens)
-                       for p in speak + (mcq if args.mcq_generate else [])}
-            if mcq and args.mcq_generate:
-                said = [answer_label(answers[id(p)]) or (re.findall(rf"\(({LABEL})\)", answers[id(p)]) or [None])[0]
-                        for p in mcq]
+            if mcq and args.mcq_generate:                       # None: an answer that names no option
+                said = [answer_label(generate(model, tok, p["prompt"], args.max_new_tokens)) for p in mcq]
                 row["mcq_generate"] = mcq_metrics(mcq, said, args) | {"unparseable": said.count(None)}
+            generations += [{"prompt": p["prompt"], "multiplier": m, "country": p["country"], "format": p["format"],
+                             "localized": p["localized"], "answer": generate(model, tok, p["prompt"],
+                                                                             args.max_new_tokens)} for p in speak]
         rows.append(row)
-        generations += [{"prompt": p["prompt"], "multiplier": m, "answer": answers[id(p)], "country": p["country"],
-                         "localized": p["localized"], "format": p["format"]} for p in speak]
     return {"rows": rows, "generations": generations}
 
 
@@ -846,8 +826,8 @@ def export_gguf(path, direction, layer, model):
 def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
     """What the dense file loses against the exact hook at multiplier m, on the held-out prompts and answers:
     ||dh_export - dh_exact|| / ||dh_exact|| over all their tokens, and both behaviour scores."""
-    batch = collate_pairs([tokenize_pair(tok, p, args.authors_scoring) for p in pairs], tok.pad_token_id,
-                          model.device)
+    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
+    batch = collate_pairs(tokenized, tok.pad_token_id, model.device)
     h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
     h = h[batch["attention_mask"].bool()].float()                          # [n_tokens, d_model]
     exact = steer(h, v, m * args.lam, sae) - h if sae is not None else (m * args.lam * v).expand_as(h)
@@ -855,7 +835,7 @@ def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
     score = {}
     for name, (vec, s, coeff) in {"exact": (v, sae, m * args.lam), "export": (direction.float(), None, 1.0)}.items():
         with steering(model, args.layer, vec, coeff, s):
-            w, l = pair_logprobs(model, tok, pairs, args)
+            w, l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
         score[name] = torch.sigmoid(w - l).mean().item()
     return {"multiplier": m, "relative_error": error, "behavior_exact": score["exact"],
             "behavior_export": score["export"]}
@@ -1111,20 +1091,6 @@ def calibrate_thresholds(sae, h, l0):
     with torch.no_grad():
         pre = sae.process_sae_in(h) @ sae.W_enc + sae.b_enc             # [N, d_sae]
         sae.threshold.data = pre.float().quantile(1 - l0 / sae.cfg.d_sae, dim=0).clamp(min=0).to(sae.dtype)
-
-
-def random_sae(d_in, d_sae, layer, seed, decoder_norm=1.0, model_name="tiny-gemma2"):
-    """A random JumpReLU SAE: decoder rows of length `decoder_norm`, encoder = their unit directions
-    transposed, thresholds 0 (see calibrate_thresholds)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
-        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name))
-    sae = JumpReLUSAE(cfg)
-    directions = torch.randn(d_sae, d_in, generator=g)
-    directions /= directions.norm(dim=1, keepdim=True)
-    sae.load_state_dict({"W_dec": directions * decoder_norm, "W_enc": directions.T.contiguous(),
-                         "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in), "threshold": torch.zeros(d_sae)})
-    return sae
 
 
 def tiny_model(tok, seed):

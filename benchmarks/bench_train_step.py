@@ -81,7 +81,8 @@ def floor_loss(model, sae, v, batch, args):
 
 def yapo_loss(model, sae, v, batch, args, examples):
     """(b): the reference log-probs once, here, before any timed step; then one steered forward per step."""
-    ref_w, ref_l = yapo.reference_logprobs(model, examples, len(examples), model.config.pad_token_id, "cpu")
+    with torch.no_grad():
+        ref_w, ref_l = yapo.pair_logprobs(model, examples, len(examples), model.config.pad_token_id)
     return lambda d: yapo.preference_loss(model, sae, v, batch, ref_w, ref_l, d, args)[0]
 
 
