@@ -137,107 +137,13 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward.
-
-ALIASES = {  # BiPO / CAA column names -> ours
-    "question": "prompt",
-    "matching": "chosen", "answer_matching_behavior": "chosen",
-    "not_matching": "rejected", "answer_not_matching_behavior": "rejected",
-}
-AUTHOR_COLUMNS = {  # the YaPO authors' Deep-Culture-Lense columns, one family per --format
-    "mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),
-    "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended"),
-}
-LABEL = r"[A-J1-9]"  # option labels: letters, or the digits some MCQ sets use
-
-
-def option_labels(prompt):
-    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
-    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
-
-
-def answer_label(text):
-    """The option an answer picks: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
-    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
-             or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
-    return found.group(1) if found else None
-
-
-def read_rows(path):
-    """Yield (where, row): where is 'file:line' for files, 'name[split] row i' for `datasets` data."""
-    p = Path(path)
-    if p.is_file():
-        with open(p, newline="", encoding="utf-8") as f:
-            if p.suffix == ".csv":
-                yield from ((f"{p}:{i}", row) for i, row in enumerate(csv.DictReader(f), start=2))  # 1: header
-                return
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno}); "
-                                     f"fix or delete that line") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{p}:{i}: expected a JSON object with prompt/chosen/rejected")
-                yield f"{p}:{i}", row
-        return
-    if not p.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file, "
-                         f"a folder saved by `datasets`, or a hub dataset id such as MBZUAI-Paris/Deep-Culture-Lense")
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"--data {path} is a `datasets` folder or hub id: pip install datasets") from None
-    try:
-        data = datasets.load_from_disk(path) if p.is_dir() else datasets.load_dataset(path)
-    except Exception as e:
-        raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
-                         f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
-                         f"Pass a .jsonl file instead, or run with --tiny.") from None
-    for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
-        for i, row in enumerate(part):
-            yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
-
-
-def normalize_row(row, where, args):
-    """One row in our schema: prompt, chosen, rejected (None if absent), country, localized, group, format."""
-    row = {ALIASES.get(k, k): v for k, v in row.items()}
-    if "localization_status" in row:                               # the authors' columns
-        size = "9b" if "9b" in args.model.lower() else "2b"         # their rejected answers come from each model
-        fmt = "mcq" if args.format == "any" else args.format
-        prompt, chosen, rejected = (c.format(size=size) for c in AUTHOR_COLUMNS[fmt])
-        row |= {"prompt": row.get(prompt), "chosen": row.get(chosen), "rejected": row.get(rejected),
-                "localized": row["localization_status"] == "localized", "format": fmt}
-    for key in ("prompt", "chosen"):
-        if not isinstance(row.get(key), str) or not row[key].strip():
-            raise ValueError(f"{where}: missing or empty field {key!r} (each row needs prompt, chosen, rejected; "
-                             f"question/matching/not_matching and the Deep-Culture-Lense columns also work)")
-    rejected = row.get("rejected")
-    if not (isinstance(rejected, str) and rejected.strip()) and args.resample_rejected == "no":
-        raise ValueError(f"{where}: missing or empty field 'rejected'; add it, or pass --resample-rejected missing "
-                         f"to sample y_l from the model itself, as the paper does")
-    if row.get("split") not in (None, "", "train", "test"):
-        raise ValueError(f"{where}: split is {row['split']!r}; use 'train', 'test' or leave it out")
-    labels = option_labels(row["prompt"])
-    gold = answer_label(row["chosen"])
-    fmt = row.get("format") or ("mcq" if gold in labels and len(labels) > 1 else "open")  # infer A/B items
-    if fmt == "mcq" and (gold not in labels or len(labels) < 2):
-        raise ValueError(f"{where}: an MCQ row whose chosen answer {row['chosen'][:40]!r} names no option of its "
-                         f"prompt (options found: {labels or 'none'}); start it with the label, e.g. '(B) ...'")
-    localized = row.get("localized")
-    if isinstance(localized, str):
-        localized = localized.lower() in ("true", "1", "yes", "localized")
-    country = str(row.get("country") or "").lower()
-    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected or None,
-            "split": row.get("split") or None, "country": country, "localized": localized, "format": fmt,
-            "group": str(row["group"]) if row.get("group") else None, "where": where}
-
+# Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward, y_l the side -v does.
 
 def load_pairs(args, need_train=True):
     """Pairs of one behaviour as (train, test) lists of dicts, filtered by --format, --country, --localization.
-
+    A pair: {prompt: x, chosen: y_w, rejected: y_l (None: sample it), split: train|test|None, format: mcq|open,
+    country, localized: True|False|None, group: both forms of one question, where: file:line}. read_rows and
+    normalize_row (after main) turn JSON lines, CSV, `datasets` data and other column names into this.
     Rows without a `behavior` field belong to every behaviour (BiPO's files hold one behaviour each).
     Rows without a `split` field are split at random by `group`, the same way for the same seed, so the
     localized and non-localized forms of one question never end up on both sides."""
@@ -842,112 +748,6 @@ def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models and SAEs: the real ones from the hub or local folders (the --tiny ones are at the end).
-
-PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a real model on a laptop CPU
-    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
-                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
-                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
-                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
-}
-
-
-def pick_device_dtype(device):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no GPU: use --device cpu (or --tiny)")
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.device(device), (torch.bfloat16 if bf16 else torch.float32)
-
-
-def looks_local(name):
-    return Path(name).exists() or name.startswith(("/", ".", "~"))
-
-
-def load_model(name, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
-    except Exception as e:
-        cause = str(e).strip().split("\n")[0][:300]
-        likely = (f"the folder {name} does not exist or lacks config.json and tokenizer files "
-                  f"(write them with model.save_pretrained and tokenizer.save_pretrained)" if looks_local(name) else
-                  f"no network; a typo in the id; or a gated model (Gemma is): accept its license on "
-                  f"https://huggingface.co/{name} and log in (`hf auth login`, or set HF_TOKEN)")
-        raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {cause}\nLikely cause: {likely}.\n"
-                         f"To see the whole pipeline offline instead, run with --tiny.") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model.to(device).eval(), tok
-
-
-def load_sae(name, sae_id, device, dtype):
-    try:
-        if Path(name).is_dir():
-            return SAE.load_from_disk(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
-        return SAE.from_pretrained(name, sae_id, device=str(device), dtype=str(dtype).removeprefix("torch."))
-    except Exception as e:
-        cause = str(e).strip().split("\n")[0][:300]
-        raise ValueError(
-            f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: {cause}\n"
-            f"--sae takes a sae-lens release (e.g. gemma-scope-2b-pt-res) with --sae-id, or a folder written by "
-            f"sae.save_model. Without network, run with --tiny.") from None
-
-
-def check_sae_fits_model(model, sae, layer):
-    """The SAE must read the residual stream that the hook steers, and lm_head_logits must be the model's head."""
-    d_model, n_layers = model.config.hidden_size, len(decoder_layers(model))
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer {layer}, but the model has layers 0..{n_layers - 1}")
-    ids = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
-    with torch.no_grad():                          # sequence_logprobs applies the LM head itself
-        full = model(input_ids=ids).logits[0, -1].float()
-        ours = lm_head_logits(model, model.model(input_ids=ids).last_hidden_state[0, -1]).float()
-    if not torch.allclose(full, ours, rtol=0.02, atol=0.02 * full.abs().max().item()):   # bf16-sized slack
-        raise ValueError(f"{type(model).__name__} transforms its logits in a way lm_head_logits does not repeat; "
-                         f"add that step to lm_head_logits")
-    if sae is None:
-        return
-    if sae.cfg.d_in != d_model:
-        raise ValueError(f"SAE d_in is {sae.cfg.d_in} but the model's hidden size is {d_model}: "
-                         f"this SAE was trained on another model")
-    hook = sae.cfg.metadata.hook_name or ""
-    found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
-    if not found:
-        raise ValueError(f"the SAE reads {hook!r}; YaPO steers the residual stream after a layer, "
-                         f"so it needs an SAE on blocks.L.hook_resid_post")
-    if int(found.group(1)) != layer:
-        raise ValueError(f"--layer {layer}, but the SAE was trained on layer {found.group(1)} ({hook}): "
-                         f"pass --layer {found.group(1)} or an SAE for layer {layer}")
-    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
-        raise ValueError("this SAE rescales or reshapes activations, so its decoder is not affine "
-                         "and Eq. 3 cannot be folded into one decode")
-
-
-def setup(args, pairs):
-    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other.
-    With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id."""
-    device, dtype = pick_device_dtype(args.device)
-    if args.tiny:
-        args.layer = TINY_LAYER
-        model, tok, sae = tiny_setup(pairs, args.seed)
-        model, sae = model.to(device, dtype), sae.to(device, dtype)
-        args.model, args.sae, args.sae_id = "tiny-gemma2", "tiny-jumprelu", f"seed{args.seed}"
-    else:
-        model, tok = load_model(args.model, device, dtype)
-        sae = load_sae(args.sae, args.sae_id, device, dtype) if uses_sae(args.mode) else None
-    sae = sae if uses_sae(args.mode) else None
-    check_sae_fits_model(model, sae, args.layer)
-    return model, tok, sae
-
-
-# ----------------------------------------------------------------------------------------------------
 # main: data -> model and SAE -> train or build (or load) -> evaluate -> interpret -> export -> results.json
 
 TINY_DEFAULTS = dict(lam="10", lr=5e-3, warmup_steps=20, sas_tau=0.1)   # README: the tiny run
@@ -1055,6 +855,212 @@ def main(argv=None):
         json.dump(results, f, indent=1)
     print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
     return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing: the file formats pairs arrive in, and the real models and SAEs (hub ids or local folders).
+# Data formats: JSON lines, CSV, `datasets` folders and hub ids; BiPO's and the authors' column names.
+
+ALIASES = {  # BiPO / CAA column names -> ours
+    "question": "prompt",
+    "matching": "chosen", "answer_matching_behavior": "chosen",
+    "not_matching": "rejected", "answer_not_matching_behavior": "rejected",
+}
+AUTHOR_COLUMNS = {  # the YaPO authors' Deep-Culture-Lense columns, one family per --format
+    "mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),
+    "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended"),
+}
+LABEL = r"[A-J1-9]"  # option labels: letters, or the digits some MCQ sets use
+
+
+def option_labels(prompt):
+    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
+    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
+
+
+def answer_label(text):
+    """The option an answer picks: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
+    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
+             or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
+    return found.group(1) if found else None
+
+
+def read_rows(path):
+    """Yield (where, row): where is 'file:line' for files, 'name[split] row i' for `datasets` data."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, newline="", encoding="utf-8") as f:
+            if p.suffix == ".csv":
+                yield from ((f"{p}:{i}", row) for i, row in enumerate(csv.DictReader(f), start=2))  # 1: header
+                return
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno}); "
+                                     f"fix or delete that line") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{p}:{i}: expected a JSON object with prompt/chosen/rejected")
+                yield f"{p}:{i}", row
+        return
+    if not p.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file, "
+                         f"a folder saved by `datasets`, or a hub dataset id such as MBZUAI-Paris/Deep-Culture-Lense")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {path} is a `datasets` folder or hub id: pip install datasets") from None
+    try:
+        data = datasets.load_from_disk(path) if p.is_dir() else datasets.load_dataset(path)
+    except Exception as e:
+        raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+                         f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
+                         f"Pass a .jsonl file instead, or run with --tiny.") from None
+    for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
+        for i, row in enumerate(part):
+            yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
+
+
+def normalize_row(row, where, args):
+    """One row in our schema: prompt, chosen, rejected (None if absent), country, localized, group, format."""
+    row = {ALIASES.get(k, k): v for k, v in row.items()}
+    if "localization_status" in row:                               # the authors' columns
+        size = "9b" if "9b" in args.model.lower() else "2b"         # their rejected answers come from each model
+        fmt = "mcq" if args.format == "any" else args.format
+        prompt, chosen, rejected = (c.format(size=size) for c in AUTHOR_COLUMNS[fmt])
+        row |= {"prompt": row.get(prompt), "chosen": row.get(chosen), "rejected": row.get(rejected),
+                "localized": row["localization_status"] == "localized", "format": fmt}
+    for key in ("prompt", "chosen"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"{where}: missing or empty field {key!r} (each row needs prompt, chosen, rejected; "
+                             f"question/matching/not_matching and the Deep-Culture-Lense columns also work)")
+    rejected = row.get("rejected")
+    if not (isinstance(rejected, str) and rejected.strip()) and args.resample_rejected == "no":
+        raise ValueError(f"{where}: missing or empty field 'rejected'; add it, or pass --resample-rejected missing "
+                         f"to sample y_l from the model itself, as the paper does")
+    if row.get("split") not in (None, "", "train", "test"):
+        raise ValueError(f"{where}: split is {row['split']!r}; use 'train', 'test' or leave it out")
+    labels = option_labels(row["prompt"])
+    gold = answer_label(row["chosen"])
+    fmt = row.get("format") or ("mcq" if gold in labels and len(labels) > 1 else "open")  # infer A/B items
+    if fmt == "mcq" and (gold not in labels or len(labels) < 2):
+        raise ValueError(f"{where}: an MCQ row whose chosen answer {row['chosen'][:40]!r} names no option of its "
+                         f"prompt (options found: {labels or 'none'}); start it with the label, e.g. '(B) ...'")
+    localized = row.get("localized")
+    if isinstance(localized, str):
+        localized = localized.lower() in ("true", "1", "yes", "localized")
+    country = str(row.get("country") or "").lower()
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected or None,
+            "split": row.get("split") or None, "country": country, "localized": localized, "format": fmt,
+            "group": str(row["group"]) if row.get("group") else None, "where": where}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and SAEs: the real ones from the hub or local folders (the --tiny ones are at the end).
+
+PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a real model on a laptop CPU
+    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
+                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
+                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
+                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
+}
+
+
+def pick_device_dtype(device):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no GPU: use --device cpu (or --tiny)")
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.device(device), (torch.bfloat16 if bf16 else torch.float32)
+
+
+def looks_local(name):
+    return Path(name).exists() or name.startswith(("/", ".", "~"))
+
+
+def load_model(name, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+    except Exception as e:
+        cause = str(e).strip().split("\n")[0][:300]
+        likely = (f"the folder {name} does not exist or lacks config.json and tokenizer files "
+                  f"(write them with model.save_pretrained and tokenizer.save_pretrained)" if looks_local(name) else
+                  f"no network; a typo in the id; or a gated model (Gemma is): accept its license on "
+                  f"https://huggingface.co/{name} and log in (`hf auth login`, or set HF_TOKEN)")
+        raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {cause}\nLikely cause: {likely}.\n"
+                         f"To see the whole pipeline offline instead, run with --tiny.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def load_sae(name, sae_id, device, dtype):
+    try:
+        if Path(name).is_dir():
+            return SAE.load_from_disk(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
+        return SAE.from_pretrained(name, sae_id, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    except Exception as e:
+        cause = str(e).strip().split("\n")[0][:300]
+        raise ValueError(
+            f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: {cause}\n"
+            f"--sae takes a sae-lens release (e.g. gemma-scope-2b-pt-res) with --sae-id, or a folder written by "
+            f"sae.save_model. Without network, run with --tiny.") from None
+
+
+def check_sae_fits_model(model, sae, layer):
+    """The SAE must read the residual stream that the hook steers, and lm_head_logits must be the model's head."""
+    d_model, n_layers = model.config.hidden_size, len(decoder_layers(model))
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {layer}, but the model has layers 0..{n_layers - 1}")
+    ids = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
+    with torch.no_grad():                          # sequence_logprobs applies the LM head itself
+        full = model(input_ids=ids).logits[0, -1].float()
+        ours = lm_head_logits(model, model.model(input_ids=ids).last_hidden_state[0, -1]).float()
+    if not torch.allclose(full, ours, rtol=0.02, atol=0.02 * full.abs().max().item()):   # bf16-sized slack
+        raise ValueError(f"{type(model).__name__} transforms its logits in a way lm_head_logits does not repeat; "
+                         f"add that step to lm_head_logits")
+    if sae is None:
+        return
+    if sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE d_in is {sae.cfg.d_in} but the model's hidden size is {d_model}: "
+                         f"this SAE was trained on another model")
+    hook = sae.cfg.metadata.hook_name or ""
+    found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    if not found:
+        raise ValueError(f"the SAE reads {hook!r}; YaPO steers the residual stream after a layer, "
+                         f"so it needs an SAE on blocks.L.hook_resid_post")
+    if int(found.group(1)) != layer:
+        raise ValueError(f"--layer {layer}, but the SAE was trained on layer {found.group(1)} ({hook}): "
+                         f"pass --layer {found.group(1)} or an SAE for layer {layer}")
+    if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
+        raise ValueError("this SAE rescales or reshapes activations, so its decoder is not affine "
+                         "and Eq. 3 cannot be folded into one decode")
+
+
+def setup(args, pairs):
+    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other.
+    With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id."""
+    device, dtype = pick_device_dtype(args.device)
+    if args.tiny:
+        args.layer = TINY_LAYER
+        model, tok, sae = tiny_setup(pairs, args.seed)
+        model, sae = model.to(device, dtype), sae.to(device, dtype)
+        args.model, args.sae, args.sae_id = "tiny-gemma2", "tiny-jumprelu", f"seed{args.seed}"
+    else:
+        model, tok = load_model(args.model, device, dtype)
+        sae = load_sae(args.sae, args.sae_id, device, dtype) if uses_sae(args.mode) else None
+    sae = sae if uses_sae(args.mode) else None
+    check_sae_fits_model(model, sae, args.layer)
+    return model, tok, sae
 
 
 # ----------------------------------------------------------------------------------------------------
