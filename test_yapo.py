@@ -272,15 +272,37 @@ def test_lm_head_runs_only_on_positions_that_predict_response_tokens(tiny):
     assert rows == [(3 + 1, 64)]  # the chosen's 3 and the rejected's 1 response tokens, not all 23 positions
 
 
-def test_next_token_logprobs_are_the_models_distribution_after_each_prompt(tiny, pairs):
+def test_prompt_scores_give_the_models_next_token_distribution_after_each_prompt(tiny, pairs):
     model, tok, _ = tiny
     prompts = [p["prompt"] for p in pairs[1][:3]]
     with torch.no_grad():
-        ours = yapo.next_token_logprobs(model, tok, prompts, batch_size=2)
+        ours, _ = yapo.prompt_scores(model, tok, pairs[1][:3], batch_size=2, mcq=False)   # left-padded batches
         for i, p in enumerate(prompts):
             ids = tok(yapo.chat_prompt(tok, p), add_special_tokens=False, return_tensors="pt")["input_ids"]
             torch.testing.assert_close(ours[i], model(input_ids=ids).logits[0, -1].log_softmax(-1),
                                        atol=1e-4, rtol=1e-5)
+
+
+def test_options_scored_through_the_prompt_cache_equal_full_sequences_under_steering(tiny):
+    """Each option's few tokens continue the prompt's key-value cache instead of re-running the prompt: the
+    log-probs must equal those of the whole sequence x + option, here with prompts longer than the sliding window."""
+    model, tok, sae = tiny
+    pairs = load("culture_egypt", format="mcq")[1][:4]
+    ids = [yapo.prompt_ids(tok, p["prompt"]) for p in pairs]
+    assert max(map(len, ids)) > model.config.sliding_window
+    T = max(map(len, ids))
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
+    rows, options = zip(*[(j, o) for j, p in enumerate(pairs) for o in yapo.option_ids(tok, p)[1]])
+    with torch.no_grad(), yapo.steering(model, LAYER, random_v(sae.cfg.d_sae), 10.0, sae):
+        out = model.model(input_ids=torch.tensor([[0] * (T - len(x)) + x for x in ids]), attention_mask=mask,
+                          position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        next_logp = yapo.lm_head_logits(model, out.last_hidden_state[:, -1]).log_softmax(-1)
+        ours = yapo.option_logprobs(model, out.cache, mask, next_logp, list(rows), list(options))
+        full = []
+        for j, o in zip(rows, options):
+            logp = model(input_ids=torch.tensor([ids[j] + o])).logits[0].log_softmax(-1)
+            full.append(sum(logp[len(ids[j]) - 1 + t, i] for t, i in enumerate(o)))
+    torch.testing.assert_close(ours, torch.stack(full), atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the loss (Eq. 4)
@@ -390,6 +412,41 @@ def test_gradient_accumulation_steps_once_per_group_and_draws_d_per_micro_batch(
     _, history = yapo.train(model, tok, sae, pairs[0][:16], replace(args, epochs=1, batch_size=2, grad_accum=4))
     assert [h["step"] for h in history] == [0] * 4 + [1] * 4
     assert len({h["d"] for h in history}) == 2                  # d varies inside one optimizer step
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["unclipped", "clipped"])
+def test_accumulated_gradient_is_the_gradient_of_the_mean_loss_over_the_steps_pairs(tiny, pairs, args, monkeypatch,
+                                                                                     clip):
+    """6 pairs in micro-batches of 4 and 2, one optimizer step: its gradient is that of the mean of Eq. 4 over the
+    6 pairs (each with its micro-batch's d), not the mean of the two micro-batch means; clipping scales it."""
+    model, tok, sae = tiny
+    run = replace(args, epochs=1, batch_size=4, grad_accum=2, lam=8.0, beta=0.5,
+                  max_grad_norm=1e9)
+    step, seen = torch.optim.AdamW.step, []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda opt, *a, **k: (seen.append(opt.param_groups[0]["params"][0]
+                                                                                      .grad.clone()), step(opt, *a, **k))[1])
+    chosen = pairs[0][:6]
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(run.seed)).tolist()   # train's first draw
+    v = torch.zeros(sae.cfg.d_sae, requires_grad=True)
+    terms = []
+    for idx, d in zip((order[:4], order[4:]), [h["d"] for h in yapo.train(model, tok, sae, chosen, run)[1]]):
+        for i in idx:                                             # Eq. 4 per pair, from full forwards
+            prompt, w, l = yapo.tokenize_pair(tok, chosen[i])
+            logp = {}
+            for name, coeff in (("ref", 0.0), ("steered", d * run.lam)):
+                with yapo.steering(model, LAYER, v, coeff, sae):
+                    for side, resp in (("w", w), ("l", l)):
+                        lp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
+                        logp[name, side] = sum(lp[len(prompt) - 1 + t, k] for t, k in enumerate(resp))
+            margin = (logp["steered", "w"] - logp["ref", "w"]) - (logp["steered", "l"] - logp["ref", "l"])
+            terms.append(-F.logsigmoid(run.beta * d * margin))
+    (expected,) = torch.autograd.grad(torch.stack(terms).mean(), v)
+    assert expected.norm() > 0
+    if clip:                                                      # the second run clips to half the norm
+        seen.clear()
+        yapo.train(model, tok, sae, chosen, replace(run, max_grad_norm=expected.norm().item() / 2))
+        expected = expected / 2
+    torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=2e-3)
 
 
 def test_gradient_clipping_bounds_the_first_update(tiny, pairs, args):
@@ -509,6 +566,19 @@ def test_lam_auto_makes_training_independent_of_the_activation_scale(tiny, pairs
                                                                              for x in losses(scaled[1]))
 
 
+def test_lam_auto_is_the_median_active_latent_or_the_median_norm_over_sqrt_d_model(tiny, pairs, args):
+    model, tok, sae = tiny
+    with torch.no_grad():
+        h = torch.cat([model(input_ids=torch.tensor([yapo.prompt_ids(tok, p["prompt"])]), output_hidden_states=True)
+                       .hidden_states[LAYER + 1][0] for p in pairs[0][:64]])                 # [n_tokens, 64]
+        active = sae.encode(h)[sae.encode(h) > 0]
+    norms = h.norm(dim=-1) / 8                                    # sqrt(d_model) = 8
+    assert yapo.auto_lam(model, tok, sae, pairs[0], args) == pytest.approx(active.median().item(), rel=1e-5)
+    assert yapo.auto_lam(model, tok, None, pairs[0], args) == pytest.approx(norms.median().item(), rel=1e-5)
+    # a mean would not pass: both distributions are skewed enough to tell them apart
+    assert abs(active.mean() / active.median() - 1) > 0.05 and abs(norms.mean() / norms.median() - 1) > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------- the baselines: CAA, SAS
 
 def test_caa_vector_is_the_mean_difference_at_the_label_token_and_over_open_answers(tiny, pairs, args):
@@ -543,6 +613,16 @@ def test_sas_keeps_only_latents_frequent_on_one_side_alone():
     assert yapo.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [2.0, 0.0, -3.0, 0.0, 0.0]
 
 
+def test_sas_keeps_a_latent_active_on_more_than_tau_of_a_sides_tokens_but_not_on_exactly_tau():
+    """SAS (Bayat et al. 2025) keeps the latents active beyond a frequency threshold tau: strictly more than tau."""
+    codes_w = torch.tensor([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    codes_l = torch.tensor([[0.0, 0.0, 4.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # latent 0: 2 of 4 chosen tokens = exactly tau -> dropped; latent 1: 3 of 4 -> kept, mean 3/4;
+    # latent 2: 2 of 4 rejected tokens = exactly tau -> dropped
+    assert yapo.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [0.0, 0.75, 0.0]
+    assert yapo.sas_from_codes(codes_w, codes_l, 0.49).tolist() == [0.75, 0.75, -1.5]
+
+
 def test_sas_vector_is_zero_outside_the_kept_latents_and_works_with_the_hook(tiny, pairs, args):
     model, tok, sae = tiny
     v = yapo.sas_vector(model, tok, sae, pairs[0][:12], replace(args, mode="sas", sas_tau=0.1))
@@ -556,6 +636,14 @@ def test_sas_that_keeps_nothing_says_to_lower_tau(tiny, pairs, args):
     model, tok, sae = tiny
     with pytest.raises(ValueError, match="lower --sas-tau"):
         yapo.sas_vector(model, tok, sae, pairs[0][:4], replace(args, sas_tau=1.0))
+
+
+def test_caa_and_sas_vectors_take_lam_1_and_another_lam_is_refused_with_the_reason():
+    assert yapo.parse_args(["--mode", "caa"]).lam == yapo.parse_args(["--tiny", "--mode", "sas"]).lam == 1.0
+    assert yapo.parse_args(["--preset", "cpu", "--mode", "caa"]).lam == 1.0           # not the preset's auto
+    for flags in (["--mode", "caa", "--lam", "10"], ["--tiny", "--mode", "sas", "--lam", "auto"]):
+        with pytest.raises(ValueError, match=r"mean difference, already in the units of h .*lam is 1 .*--multipliers"):
+            yapo.parse_args(flags)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and metrics
@@ -586,6 +674,34 @@ def test_evaluation_scores_match_an_independent_computation(tiny, pairs, trained
         assert row_["margin"] == pytest.approx(sum(lp_w - lp_l for lp_w, lp_l in margins) / 3, abs=1e-3)
     assert result["rows"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-7)
     assert result["rows"][1]["drift_kl"] > 1e-4
+
+
+def test_mcq_accuracy_follows_the_steered_model_at_each_multiplier(tiny, args):
+    """The paper's headline metric, under steering: each multiplier's picks are those of the steered model,
+    computed the plain way (one full sequence per option), and they change with m."""
+    model, tok, _ = tiny
+    test = load("culture_egypt", format="mcq")[1]
+    embed = model.get_input_embeddings().weight.detach()
+    v = embed[tok.convert_tokens_to_ids("B")] - embed[tok.convert_tokens_to_ids("A")]   # toward label B, away from A
+    v = 20 * v / v.norm()
+    run = replace(args, mode="dense", lam=1.0, multipliers=[-1.0, 0.0, 1.0], n_generations=0)
+    result = yapo.evaluate(model, tok, None, v, test, run)
+    expected = []
+    for m in run.multipliers:
+        picks = []
+        with torch.no_grad(), yapo.steering(model, LAYER, v, m, None):
+            for p in test:
+                prompt, scores = yapo.prompt_ids(tok, p["prompt"]), {}
+                for k in yapo.option_labels(p["prompt"]):
+                    resp = tok(f"({k})", add_special_tokens=False)["input_ids"]
+                    logp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
+                    scores[k] = sum(logp[len(prompt) - 1 + t, i] for t, i in enumerate(resp)).item()
+                picks.append(max(scores, key=scores.get))
+        expected.append(yapo.culture_metrics(test, [float(k == yapo.answer_label(p["chosen"])) for p, k in
+                                                    zip(test, picks)], run.pnlg_alpha))
+    for row_, exp in zip(result["rows"], expected):
+        assert {k: row_["mcq"][k] for k in exp} == exp
+    assert len({e["accuracy"] for e in expected}) > 1             # steering moved the metric, so this can fail
 
 
 def test_drift_is_kl_of_the_steered_distribution_from_the_unsteered_one():
@@ -924,6 +1040,16 @@ def test_sampled_rejected_answers_are_non_empty_seeded_and_reload(tiny, tmp_path
     assert [p["rejected"] for p in first] != [p["rejected"] for p in other]
 
 
+def test_rows_with_the_same_prompt_get_independent_samples(tiny, tmp_path):
+    model, tok, _ = tiny
+    rows = [{"behavior": "b", "prompt": "question 0?", "chosen": f"yes {i}", "split": "train"} for i in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    run = yapo.Args(data=str(path), behavior="b", resample_rejected="missing", sample_max_tokens=12)
+    sampled = [p["rejected"] for p in yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0],
+                                                            run)]
+    assert len(set(sampled)) == 3, sampled                       # one seed per row, not one per prompt
+
+
 def test_main_samples_missing_rejected_answers_and_writes_reusable_pairs(saved_tiny, tmp_path):
     rows = [{k: v for k, v in row(behavior="b", i=i).items() if k != "rejected"} for i in range(5)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -1081,6 +1207,54 @@ def test_layer_outside_the_model_is_refused(tiny):
         yapo.check_sae_fits_model(tiny[0], None, 15)
 
 
+def test_dtype_is_float32_on_the_cpu_and_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):
+    assert yapo.pick_device_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):   # e.g. an A100, then a T4
+        # torch's own answer counts emulated bf16 as supported unless including_emulation=False
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert yapo.pick_device_dtype("auto") == yapo.pick_device_dtype("cuda") == (torch.device("cuda"), expected)
+        assert yapo.pick_device_dtype("cpu")[1] == torch.float32
+        assert yapo.pick_device_dtype("cuda", "float32")[1] == torch.float32       # --dtype wins
+        assert yapo.pick_device_dtype("cuda", "bfloat16")[1] == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert yapo.pick_device_dtype("auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="torch sees no GPU"):
+        yapo.pick_device_dtype("cuda")
+    with pytest.raises(ValueError, match=r"--dtype 'float16' is not one of \['auto', 'float32', 'bfloat16'\]"):
+        yapo.Args(dtype="float16")
+
+
+def test_sae_fit_is_the_fraction_of_variance_unexplained_and_mean_l0_without_bos(tiny, pairs, capsys):
+    model, tok, sae = tiny
+    fit = yapo.sae_fit(model, tok, sae, pairs[0], LAYER)
+    with torch.no_grad():
+        h = torch.cat([model(input_ids=torch.tensor([yapo.prompt_ids(tok, p["prompt"])]), output_hidden_states=True)
+                       .hidden_states[LAYER + 1][0, 1:] for p in pairs[0][:64]])             # <bos> left out
+        z = sae.encode(h)
+        fvu = (h - sae.decode(z)).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
+    assert fit["tokens"] == len(h) and fit["fvu"] == pytest.approx(fvu.item(), rel=1e-4)
+    assert fit["l0"] == pytest.approx((z > 0).sum(-1).float().mean().item(), rel=1e-6)
+    assert fit["fvu"] < yapo.POOR_FVU and "WARNING" not in capsys.readouterr().out
+
+
+def test_an_sae_read_at_the_wrong_layer_is_flagged_and_lam_auto_refused_before_anything_is_written(saved_tiny,
+                                                                                                   tmp_path, capsys):
+    """The tiny SAE was trained at layer 2; relabelled for layer 0 it passes the shape checks but reads nothing."""
+    sae = yapo.load_sae(str(saved_tiny / "sae"), "", "cpu", torch.float32)
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    sae.save_model(tmp_path / "sae0")
+    common = ["--model", str(saved_tiny / "model"), "--sae", str(tmp_path / "sae0"), "--layer", "0", "--device", "cpu",
+              "--epochs", "1", "--multipliers", "0", "--n-generations", "0", "--out-dir", str(tmp_path / "runs")]
+    with pytest.raises(ValueError, match=r"--lam auto .* reconstructs layer 0 this poorly \(FVU .*check --layer"):
+        yapo.main(common + ["--lam", "auto"])
+    assert not (tmp_path / "runs").exists()
+    results = yapo.main(common + ["--lam", "5"])                  # an explicit lam runs, with the warning
+    assert results["sae_fit"]["fvu"] > yapo.POOR_FVU
+    assert "WARNING: this SAE reconstructs layer 0 poorly" in capsys.readouterr().out
+
+
 def test_model_that_cannot_be_loaded_gives_one_message_with_the_tiny_alternative(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)could not load model 'nobody/no-such-model'.*gated model.*--tiny"):
         yapo.load_model("nobody/no-such-model", torch.device("cpu"), torch.float32)
@@ -1204,6 +1378,7 @@ def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
     assert [r["multiplier"] for r in results["eval"]["rows"]] == [-1.0, 1.0]
     assert all({"rca", "pnlg", "per_country"} <= set(r["mcq"]) for r in results["eval"]["rows"])
     assert results["args"]["lam"] == float(yapo.TINY_DEFAULTS["lam"]) and results["train"]
+    assert (results["device"], results["dtype"]) == ("cpu", "float32")
 
 
 def test_eval_only_with_top_k_writes_a_new_run_and_leaves_the_first_untouched(saved_tiny, tmp_path, capsys):

@@ -122,6 +122,8 @@ class Args:
     export_multiplier: float = arg(1.0, "m of that file: it holds m*lam*v, sign included (sparse: -m is not -file)")
     out_dir: str = arg("runs", "each run writes a new folder in here")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto: bfloat16 on GPUs that compute it natively, "
+                                                        "else float32")
 
     def __post_init__(self):
         for f in fields(self):
@@ -134,6 +136,10 @@ class Args:
                 self.lam = float(self.lam)
             except ValueError:
                 raise ValueError(f"--lam {self.lam!r}: give a number or auto") from None
+        if self.mode in ("caa", "sas") and self.lam != 1.0:   # parse_args gives them lam 1 by default
+            raise ValueError(f"--lam {self.lam} with --mode {self.mode}: a {self.mode.upper()} vector is a mean "
+                             f"difference, already in the units of h (or of the latents), so lam is 1 for it; "
+                             f"scale it with --multipliers instead")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,6 +364,9 @@ def auto_lam(model, tok, sae, pairs, args):
     if sae is None:
         return (h.norm(dim=-1).median() / math.sqrt(h.shape[-1])).item()
     z = sae.encode(h.to(sae.W_dec.dtype)).float()
+    if not (z > 0).any():
+        raise ValueError(f"--lam auto: no latent of the SAE fires on the training prompts at layer {args.layer}, "
+                         f"so there is no typical latent size; check --layer and --sae, or pass --lam")
     return z[z > 0].median().item()
 
 
@@ -501,15 +510,61 @@ def sample_rejected(model, tok, pairs, args):
     return pairs
 
 
-def next_token_logprobs(model, tok, prompts, batch_size):
-    """log p(next token | x) right after each chat prompt: [n, V] (for the drift metric)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = collate([(prompt_ids(tok, p), []) for p in prompts[i:i + batch_size]], tok.pad_token_id, model.device)
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        last = hidden[torch.arange(len(hidden), device=model.device), batch["prompt_lens"] - 1]
-        out.append(lm_head_logits(model, last).float().log_softmax(-1))
-    return torch.cat(out)
+def option_ids(tok, pair):
+    """An MCQ pair's option labels and each label's token ids, written as its chosen answer writes the label
+    ('(B)', '\\boxed{B}' or 'B'), so that every option is scored in the same form."""
+    labels, gold = option_labels(pair["prompt"]), answer_label(pair["chosen"])
+    form = pair["chosen"].strip()
+    form = re.search(rf"\\boxed\{{\s*\(?{gold}\)?\s*\}}", form) or re.match(rf"\(?{gold}\)?", form)
+    return labels, [response_ids(tok, form.group(0).replace(gold, k)) for k in labels]
+
+
+def option_logprobs(model, cache, mask, next_logp, rows, options):
+    """log p(option | x) for each option (token ids) of prompt row rows[j]: the first token from next_logp, the
+    rest from one forward of the option tokens that continues the prompts' key-value cache (exact, and the
+    prompt is not run again per option). Options are padded at the end; padding is never scored."""
+    rows = torch.tensor(rows, device=model.device)
+    first = next_logp[rows].gather(1, torch.tensor([o[:1] for o in options], device=model.device))[:, 0]
+    n = max(map(len, options))
+    if n == 1:
+        return first
+    ids = torch.tensor([o + [0] * (n - len(o)) for o in options], device=model.device)       # [n_options, n]
+    real = torch.tensor([[t < len(o) for t in range(n)] for o in options], device=model.device)
+    cache.batch_select_indices(rows)                              # one copy of its prompt's cache per option
+    hidden = model.model(input_ids=ids, attention_mask=torch.cat([mask[rows], real.long()], 1),
+                         position_ids=mask[rows].sum(1, keepdim=True) + torch.arange(n, device=model.device),
+                         cache=cache).last_hidden_state                                     # [n_options, n, d]
+    predicts = real[:, 1:]                                        # option position t predicts token t+1
+    token_logp = -F.cross_entropy(lm_head_logits(model, hidden[:, :-1][predicts]).float(), ids[:, 1:][predicts],
+                                  reduction="none")
+    return first.index_add(0, predicts.nonzero()[:, 0], token_logp)
+
+
+def prompt_scores(model, tok, pairs, batch_size, mcq=True):
+    """One forward of each chat prompt, a batch at a time: log p(next token | x) right after it [n, V] (the
+    drift metric) and, for MCQ pairs, the option label with the highest log-probability (None for open pairs;
+    mcq=False skips them). Prompts are left-padded so that all end at the last position and their cache can be
+    continued by every option at once."""
+    next_logp, picks = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        ids = [prompt_ids(tok, p["prompt"]) for p in chunk]
+        T = max(map(len, ids))
+        input_ids = torch.tensor([[tok.pad_token_id] * (T - len(x)) + x for x in ids], device=model.device)
+        mask = (torch.arange(T) >= torch.tensor([T - len(x) for x in ids])[:, None]).long().to(model.device)
+        out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                          use_cache=mcq)
+        logp = lm_head_logits(model, out.last_hidden_state[:, -1]).float().log_softmax(-1)       # [b, V]
+        next_logp.append(logp)
+        asked = [(j, *option_ids(tok, p)) for j, p in enumerate(chunk) if mcq and p["format"] == "mcq"]
+        best = {}
+        if asked:
+            scores = option_logprobs(model, out.cache, mask, logp, [j for j, _, o in asked for _ in o],
+                                     [ids_k for _, _, o in asked for ids_k in o])
+            for (j, labels, _), s in zip(asked, scores.split([len(labels) for _, labels, _ in asked])):
+                best[j] = labels[s.argmax()]
+        picks += [best.get(j) for j in range(len(chunk))]
+    return torch.cat(next_logp), picks
 
 
 def drift_kl(steered_logp, base_logp):
@@ -520,15 +575,7 @@ def drift_kl(steered_logp, base_logp):
 def mcq_choices(model, tok, pairs, args):
     """The option each MCQ pair's model picks: the label (written as its chosen answer writes it, e.g. '(B)')
     with the highest log-probability right after the prompt. Cheap and deterministic."""
-    picks = []
-    for p in pairs:
-        labels, gold = option_labels(p["prompt"]), answer_label(p["chosen"])
-        form = p["chosen"].strip()
-        form = re.search(rf"\\boxed\{{\s*\(?{gold}\)?\s*\}}", form) or re.match(rf"\(?{gold}\)?", form)
-        prompt = prompt_ids(tok, p["prompt"])
-        options = [(prompt, response_ids(tok, form.group(0).replace(gold, k), False)) for k in labels]
-        picks.append(labels[sequence_logprobs(model, collate(options, tok.pad_token_id, model.device)).argmax()])
-    return picks
+    return prompt_scores(model, tok, pairs, args.batch_size)[1]
 
 
 def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
@@ -577,18 +624,18 @@ def evaluate(model, tok, sae, v, pairs, args):
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     speak = [p for i, p in enumerate(pairs)                      # --n-generations 0: no generation at all
              if args.n_generations and (i < args.n_generations or (p["format"] == "open" and p["country"]))]
-    base_next = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
+    base_next, _ = prompt_scores(model, tok, pairs, args.batch_size, mcq=False)
     rows, generations = [], []
     for m in args.multipliers:
         with steering(model, args.layer, v, m * args.lam, sae):
             logp_w, logp_l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
-            next_logp = next_token_logprobs(model, tok, [p["prompt"] for p in pairs], args.batch_size)
+            next_logp, picks = prompt_scores(model, tok, pairs, args.batch_size)   # drift and MCQ: one forward
             row = {"multiplier": m, "behavior_score": torch.sigmoid(logp_w - logp_l).mean().item(),
                    "accuracy": (logp_w > logp_l).float().mean().item(),
                    "margin": (logp_w - logp_l).mean().item(),     # nats; moves even where sigma saturates
                    "drift_kl": drift_kl(next_logp, base_next).mean().item()}
             if mcq:
-                row["mcq"] = mcq_metrics(mcq, mcq_choices(model, tok, mcq, args), args)
+                row["mcq"] = mcq_metrics(mcq, [k for p, k in zip(pairs, picks) if p["format"] == "mcq"], args)
             if mcq and args.mcq_generate:                       # None: an answer that names no option
                 said = [answer_label(generate(model, tok, p["prompt"], args.max_new_tokens)) for p in mcq]
                 row["mcq_generate"] = mcq_metrics(mcq, said, args) | {"unparseable": said.count(None)}
@@ -799,7 +846,12 @@ def main(argv=None):
     if args.tiny:
         print("NOTE: --tiny is a toy: a 4-layer model and an SAE trained for seconds on a few hundred sentences. "
               "It shows the mechanics; its numbers say nothing about real models.")
+    fit = sae_fit(model, tok, sae, train_pairs or test_pairs, args.layer) if sae is not None else None
     loaded = load_vector(args.vector, args, sae, model.config.hidden_size, model.device) if args.eval_only else None
+    if args.lam == "auto" and loaded is None and fit and fit["fvu"] > POOR_FVU:
+        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
+                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
+                         f"--model and --sae, or pass --lam")
     if args.export_gguf:
         gguf_for_layer(args.layer)                                # refuse before training, not after
     run = new_run_dir(args)                                       # only after every check that can refuse the run
@@ -819,14 +871,16 @@ def main(argv=None):
     else:
         if args.lam == "auto":
             args.lam = auto_lam(model, tok, sae, train_pairs, args)
-            print(f"--lam auto: lam = {args.lam:.4g}")
+            print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
+                  else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
         v, history = build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
     eval_v, eval_sae = v, sae
     if args.top_k:
         eval_v, eval_sae = prune(v, sae, args.top_k)
         print(f"evaluating the vector pruned to its top {args.top_k} latents")
 
-    results = {"args": asdict(args), "train": history, "test_pairs": len(test_pairs)}
+    results = {"args": asdict(args), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+               "sae_fit": fit, "train": history, "test_pairs": len(test_pairs)}
     if test_pairs:
         results["eval"] = evaluate(model, tok, eval_sae, eval_v, test_pairs, args)
         print_table(results["eval"]["rows"])
@@ -972,13 +1026,17 @@ PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a 
 }
 
 
-def pick_device_dtype(device):
+def pick_device_dtype(device, dtype="auto"):
+    """--device and --dtype. auto: bf16 only where the GPU computes it natively (compute capability 8.0 and up);
+    older GPUs (T4, V100) emulate bf16 slowly, and fp16 overflows Gemma-2's activations, so they get float32."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU: use --device cpu (or --tiny)")
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.device(device), (torch.bfloat16 if bf16 else torch.float32)
+    if dtype == "auto":
+        native = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = "bfloat16" if native else "float32"
+    return torch.device(device), getattr(torch, dtype)
 
 
 def looks_local(name):
@@ -1046,10 +1104,33 @@ def check_sae_fits_model(model, sae, layer):
                          "and Eq. 3 cannot be folded into one decode")
 
 
+POOR_FVU = 0.5   # above this an SAE explains less than half of the layer's variance: the wrong layer, model or SAE
+
+
+@torch.no_grad()
+def sae_fit(model, tok, sae, pairs, layer):
+    """How well the SAE reads the layer it steers, on the chat prompts of (up to 64) pairs: the fraction of
+    variance unexplained FVU = sum ||h - Dec(Enc(h))||^2 / sum ||h - mean(h)||^2 and the mean L0 (latents firing
+    per token). <bos> is left out: its norm is huge and SAEs are not trained to read it. Printed, and a warning
+    above POOR_FVU, since Eq. 3 then shifts latents that do not describe this layer."""
+    batch = collate([(prompt_ids(tok, p["prompt"]), []) for p in pairs[:64]], tok.pad_token_id, model.device)
+    keep = batch["attention_mask"].bool()
+    keep[:, 0] = False                                                       # <bos>
+    h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[keep].float()   # [N, d_model]
+    z = sae.encode(h.to(sae.W_dec.dtype))
+    fvu = ((h - sae.decode(z).float()).pow(2).sum() / (h - h.mean(0)).pow(2).sum()).item()
+    fit = {"fvu": fvu, "l0": (z > 0).sum(-1).float().mean().item(), "tokens": len(h)}
+    print(f"SAE at layer {layer}: FVU {fvu:.3f}, mean L0 {fit['l0']:.1f} on {len(h)} prompt tokens")
+    if fvu > POOR_FVU:
+        print(f"WARNING: this SAE reconstructs layer {layer} poorly (FVU {fvu:.2f} > {POOR_FVU}): "
+              f"check --layer, --model and --sae")
+    return fit
+
+
 def setup(args, pairs):
     """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other.
     With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id."""
-    device, dtype = pick_device_dtype(args.device)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
     if args.tiny:
         args.layer = TINY_LAYER
         model, tok, sae = tiny_setup(pairs, args.seed)

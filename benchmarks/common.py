@@ -41,10 +41,11 @@ class _Parser(argparse.ArgumentParser):
         return opts, rest
 
 
-def parser(script_file, description):
+def parser(script_file, description, epilog=None):
     """--quick for a smoke test and --out for the JSON path (default benchmarks/results/<script stem>.json, or
     benchmarks/results/quick/<script stem>.json with --quick, so that a smoke test never overwrites a figure)."""
-    p = _Parser(description=description, allow_abbrev=False)
+    p = _Parser(description=description, epilog=epilog, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.stem = Path(script_file).stem
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke test, not a figure")
     p.add_argument("--out", default=None, help="the JSON (default: benchmarks/results/[quick/]<script>.json)")

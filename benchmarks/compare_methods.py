@@ -22,8 +22,10 @@ exceeds it), with the margin there.
 
 Flags this script does not know are passed to yapo.py's parser (e.g. --lam, --epochs, --sas-tau, --format,
 --country); --preset and --tiny change defaults there exactly as they do for yapo.py. The multipliers are
-this script's (-1 and the sweep 0, 0.5, 1, 2, 4, 8). On the tiny setup SAS tries --sas-tau 0.1, 0.05, 0.02
-in turn unless --sas-tau is given. Writes the JSON (--out) and the tables as markdown next to it (<stem>.md).
+this script's (-1 and the sweep 0, 0.5, 1, 2, 4, 8). --lam applies to BiPO and YaPO (auto: each its own);
+CAA and SAS always use lam 1, as yapo.py --mode caa|sas does, since their vectors are mean differences already
+in the units of h (or of the latents). On the tiny setup SAS tries --sas-tau 0.1, 0.05, 0.02 in turn unless
+--sas-tau is given. Writes the JSON (--out) and the tables as markdown next to it (<stem>.md).
 """
 
 import dataclasses
@@ -111,8 +113,18 @@ def sweep_rows(methods):
     return [{"method": name} | {r["multiplier"]: cell(r) for r in e["rows"]} for name, e in methods.items()]
 
 
+def passed_through(own):
+    """--help's list of the yapo.py flags this script hands on to yapo.py's parser (all but its own)."""
+    return "yapo.py flags, passed through to yapo.py's parser:\n" + "\n".join(
+        f"  --{f.name.replace('_', '-'):<20} {f.metadata['help']}" for f in dataclasses.fields(yapo.Args)
+        if f.name not in own)
+
+
 def main(argv=None):
-    p = common.parser(__file__, __doc__.strip().split("\n")[0])
+    own = {"behavior", "seed", "data", "preset", "model", "sae", "sae_id", "layer",           # flags of this script
+           "mode", "multipliers", "n_generations", "max_new_tokens", "top_k", "eval_only", "vector",   # set by it
+           "export_gguf", "export_multiplier", "out_dir"}
+    p = common.parser(__file__, __doc__.strip().split("\n")[0], epilog=passed_through(own))
     p.add_argument("--behavior", default="power_seeking", help="which rows of --data (their `behavior` field)")
     p.add_argument("--seed", type=int, default=0, help="one seed: the split, the tiny model, training")
     p.add_argument("--data", default=str(common.DATA), help="preference pairs, as yapo.py --data")
@@ -147,12 +159,16 @@ def main(argv=None):
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} held-out pairs, layer {args.layer}, "
           f"multipliers {args.multipliers}" + ("  [tiny setup: mechanics only]" if tiny else ""), flush=True)
 
+    fit = yapo.sae_fit(model, tok, sae, train_pairs, args.layer)     # printed; warns if the SAE reads L poorly
+    if args.lam == "auto" and fit["fvu"] > yapo.POOR_FVU:
+        raise SystemExit(f"--lam auto needs an SAE that reads layer {args.layer} (FVU {fit['fvu']:.2f}): check "
+                         f"--layer, --model and --sae, or pass --lam")
     methods = {}
     for method in METHODS:
-        margs = dataclasses.replace(args, mode=MODE[method])
+        # CAA and SAS are mean differences in the units of h (or latents): lam 1, as yapo.py --mode caa|sas
+        margs = dataclasses.replace(args, mode=MODE[method], lam=1.0 if method in ("none", "CAA", "SAS") else args.lam)
         if margs.lam == "auto":                                    # per method: latents and h differ in scale
-            margs.lam = 1.0 if method == "none" else yapo.auto_lam(
-                model, tok, sae if yapo.uses_sae(margs.mode) else None, train_pairs, margs)
+            margs.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(margs.mode) else None, train_pairs, margs)
         t0 = time.perf_counter()
         v, hook_sae, extra = build(method, model, tok, sae, train_pairs, margs, tiny, sas_tau_given)
         seconds = time.perf_counter() - t0
@@ -193,7 +209,7 @@ def main(argv=None):
                               (m, f"m={m:g}") for m in args.multipliers]), ""])
     results = {"benchmark": "compare_methods", "quick": opts.quick, "tiny": tiny, "mechanics_only": tiny,
                "setup": setup, "behavior": args.behavior, "seed": args.seed, "kl_threshold": opts.kl,
-               "shapes": shapes | {"train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
+               "sae_fit": fit, "shapes": shapes | {"train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
                                    "d_model": model.config.hidden_size, "d_sae": sae.cfg.d_sae},
                "args": dataclasses.asdict(args) | ({"data": common.DATA.name} if Path(args.data) == common.DATA
                                                     else {}),

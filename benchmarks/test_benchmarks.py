@@ -6,6 +6,7 @@ write every JSON field it documents; values that can be checked independently an
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,7 @@ METHODS = ["none", "CAA", "SAS", "BiPO", "YaPO"]
 # test -> the script it runs with --quick, and extra flags; longest first (they start in this order).
 # culture_egypt: its MCQ rows with both forms exercise compare_methods' MCQ accuracy, RCA and PNLG columns too.
 RUNS = {"test_compare_methods_quick": ("compare_methods.py", "--behavior", "culture_egypt", "--kl", "0.002"),
+        "test_evaluate_quick": ("bench_evaluate.py",),
         "test_pruning_quick": ("bench_pruning.py",), "test_convergence_quick": ("bench_convergence.py",),
         "test_train_step_quick": ("bench_train_step.py",), "test_generate_quick": ("bench_generate.py",)}
 
@@ -142,9 +144,27 @@ def test_compare_methods_quick(quick_runs, request):
     assert len({(r["behavior_score"], r["margin"], r["accuracy"], r["mcq"]["accuracy"]) for r in none["rows"]}) == 1
     assert all(r["drift_kl"] == 0 for r in none["rows"])
     assert data["methods"]["SAS"]["l0"] > 0 and data["methods"]["YaPO"]["space"] == "SAE latents"
+    # CAA and SAS vectors are mean differences in the units of h (or latents): lam 1, never the run's lam
+    assert data["methods"]["CAA"]["lam"] == data["methods"]["SAS"]["lam"] == 1.0
+    assert data["methods"]["YaPO"]["lam"] == data["methods"]["BiPO"]["lam"] == data["args"]["lam"] != 1.0
+    assert data["sae_fit"]["fvu"] < 0.5 and data["sae_fit"]["l0"] > 0
     markdown = (folder / data["markdown"]).read_text()
     assert "MECHANICS ONLY" in markdown and all(f"| {name} |" in markdown for name in METHODS)
     assert "RCA m=+1" in markdown and "MECHANICS ONLY" in stdout
+
+
+def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
+    sys.path.insert(0, str(HERE))
+    import compare_methods
+    with pytest.raises(SystemExit):
+        compare_methods.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--format", "--country", "--lam", "--epochs", "--lr", "--sas-tau", "--reference", "--dtype"):
+        assert f"{flag} " in text
+    listed = set(re.findall(r"--([a-z-]+)", text))
+    import yapo
+    assert {f.name.replace("_", "-") for f in yapo.fields(yapo.Args)} <= listed | {"mode", "multipliers",
+        "n-generations", "max-new-tokens", "top-k", "eval-only", "vector", "export-gguf", "export-multiplier", "out-dir"}
 
 
 def test_pruning_quick(quick_runs, request):
@@ -182,6 +202,25 @@ def test_convergence_quick(quick_runs, request):
     for size in ("tiny", "small"):
         has(shapes["sizes"][size], ["hidden_size", "layers", "layer", "d_sae"])
     assert (folder / data["png"]).stat().st_size > 0
+
+
+def test_evaluate_quick(quick_runs, request):
+    data, _, _ = quick_result(quick_runs, request)
+    has(data, ["benchmark", "quick", "model", "shapes", "machine", "variants", "naive_vs_yapo_max_abs_difference",
+               "target", "note"])
+    assert data["naive_vs_yapo_max_abs_difference"] < 1e-4             # the same metrics, computed two ways
+    (k,) = data["shapes"]["option_counts"]                              # options per MCQ pair
+    base = 1 / len(data["shapes"]["multipliers"])                       # the unsteered prompt pass, once per call
+    expected = {"naive": (2 + 1 + k + base, 0), "yapo": (2 + 1 + base, k), "floor": (2 + 1 + base, 0)}
+    for name, (sequences, continuations) in expected.items():
+        v = data["variants"][name]
+        has(v, ["median_s", "seconds", "s_per_pair_per_multiplier", "sequences_per_pair_per_multiplier",
+                "continuations_per_pair_per_multiplier", "tokens_per_pair_per_multiplier", "over_floor"])
+        assert close(v["sequences_per_pair_per_multiplier"], sequences)
+        assert close(v["continuations_per_pair_per_multiplier"], continuations)
+        assert close(v["over_floor"], v["median_s"] / data["variants"]["floor"]["median_s"])
+    assert data["variants"]["yapo"]["tokens_per_pair_per_multiplier"] < data["variants"]["naive"][
+        "tokens_per_pair_per_multiplier"]
 
 
 def test_train_step_quick(quick_runs, request):
