@@ -46,7 +46,9 @@ def pairs():
 
 @pytest.fixture(scope="session")
 def tiny(pairs):
-    return yapo.tiny_setup(pairs[0], seed=0)
+    """The tiny model, tokenizer and SAE of --tiny, on the power_seeking training pairs; its language model gets
+    half of --tiny's training, since these tests check mechanics, not what it learns (see `toy`)."""
+    return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=128_000)
 
 
 @pytest.fixture(params=DEVICES)
@@ -561,7 +563,7 @@ def test_lam_auto_makes_training_independent_of_the_activation_scale(tiny, pairs
     lam_small = yapo.auto_lam(model, tok, sae, pairs[0], run)
     assert lam_big == pytest.approx(1000 * lam_small, rel=1e-2)   # a few latents sit right at a threshold
     losses = lambda hist: [h["loss"] for h in hist]
-    assert losses(scaled[1]) == pytest.approx(losses(first[0][1]), abs=2e-3)
+    assert losses(scaled[1]) == pytest.approx(losses(first[0][1]), abs=5e-3)
     assert max(abs(x - math.log(2)) for x in losses(fixed[1])) < 1e-3 < max(abs(x - math.log(2))
                                                                              for x in losses(scaled[1]))
 
@@ -576,7 +578,7 @@ def test_lam_auto_is_the_median_active_latent_or_the_median_norm_over_sqrt_d_mod
     assert yapo.auto_lam(model, tok, sae, pairs[0], args) == pytest.approx(active.median().item(), rel=1e-5)
     assert yapo.auto_lam(model, tok, None, pairs[0], args) == pytest.approx(norms.median().item(), rel=1e-5)
     # a mean would not pass: both distributions are skewed enough to tell them apart
-    assert abs(active.mean() / active.median() - 1) > 0.05 and abs(norms.mean() / norms.median() - 1) > 1e-3
+    assert abs(active.mean() / active.median() - 1) > 0.05 and abs(norms.mean() / norms.median() - 1) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- the baselines: CAA, SAS
@@ -642,7 +644,7 @@ def test_caa_and_sas_vectors_take_lam_1_and_another_lam_is_refused_with_the_reas
     assert yapo.parse_args(["--mode", "caa"]).lam == yapo.parse_args(["--tiny", "--mode", "sas"]).lam == 1.0
     assert yapo.parse_args(["--preset", "cpu", "--mode", "caa"]).lam == 1.0           # not the preset's auto
     for flags in (["--mode", "caa", "--lam", "10"], ["--tiny", "--mode", "sas", "--lam", "auto"]):
-        with pytest.raises(ValueError, match=r"mean difference, already in the units of h .*lam is 1 .*--multipliers"):
+        with pytest.raises(ValueError, match=r"is a mean difference, already in the units of h .*lam is 1; scale it"):
             yapo.parse_args(flags)
 
 
@@ -1239,20 +1241,24 @@ def test_sae_fit_is_the_fraction_of_variance_unexplained_and_mean_l0_without_bos
     assert fit["fvu"] < yapo.POOR_FVU and "WARNING" not in capsys.readouterr().out
 
 
-def test_an_sae_read_at_the_wrong_layer_is_flagged_and_lam_auto_refused_before_anything_is_written(saved_tiny,
-                                                                                                   tmp_path, capsys):
-    """The tiny SAE was trained at layer 2; relabelled for layer 0 it passes the shape checks but reads nothing."""
+def test_an_sae_of_another_model_is_flagged_and_lam_auto_refused_before_anything_is_written(saved_tiny, tmp_path,
+                                                                                              capsys):
+    """An SAE of another model with the same width: the tiny SAE with its residual basis rotated. It passes
+    every shape check, but its latents describe another residual stream."""
     sae = yapo.load_sae(str(saved_tiny / "sae"), "", "cpu", torch.float32)
-    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
-    sae.save_model(tmp_path / "sae0")
-    common = ["--model", str(saved_tiny / "model"), "--sae", str(tmp_path / "sae0"), "--layer", "0", "--device", "cpu",
-              "--epochs", "1", "--multipliers", "0", "--n-generations", "0", "--out-dir", str(tmp_path / "runs")]
-    with pytest.raises(ValueError, match=r"--lam auto .* reconstructs layer 0 this poorly \(FVU .*check --layer"):
+    rotation, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        sae.W_dec.copy_(sae.W_dec @ rotation), sae.W_enc.copy_(rotation.T @ sae.W_enc), sae.b_dec.copy_(sae.b_dec @ rotation)
+    sae.save_model(tmp_path / "other")
+    common = ["--model", str(saved_tiny / "model"), "--sae", str(tmp_path / "other"), "--layer", str(LAYER),
+              "--device", "cpu", "--epochs", "1", "--multipliers", "0", "--n-generations", "0",
+              "--out-dir", str(tmp_path / "runs")]
+    with pytest.raises(ValueError, match=rf"--lam auto .* reconstructs layer {LAYER} this poorly \(FVU .*check --layer"):
         yapo.main(common + ["--lam", "auto"])
     assert not (tmp_path / "runs").exists()
     results = yapo.main(common + ["--lam", "5"])                  # an explicit lam runs, with the warning
     assert results["sae_fit"]["fvu"] > yapo.POOR_FVU
-    assert "WARNING: this SAE reconstructs layer 0 poorly" in capsys.readouterr().out
+    assert f"WARNING: this SAE reconstructs layer {LAYER} poorly" in capsys.readouterr().out
 
 
 def test_model_that_cannot_be_loaded_gives_one_message_with_the_tiny_alternative(tmp_path):
@@ -1291,8 +1297,10 @@ def test_presets_set_the_papers_setup_and_explicit_flags_win():
     cpu = yapo.parse_args(["--preset", "cpu", "--layer", "6", "--lam", "3"])
     assert cpu.model == "google/gemma-3-270m-it" and cpu.layer == 6 and cpu.lam == 3.0
     assert yapo.parse_args(["--preset", "cpu"]).lam == "auto"
-    assert yapo.parse_args(["--tiny"]).lam == float(yapo.TINY_DEFAULTS["lam"])
-    assert yapo.parse_args(["--tiny", "--lam", "2"]).lam == 2.0
+    tiny = yapo.parse_args(["--tiny"])
+    assert (tiny.behavior, tiny.lam, tiny.lr) == ("toy_sentiment", "auto", yapo.TINY_DEFAULTS["lr"])
+    assert yapo.parse_args(["--tiny", "--mode", "dense"]).lr == yapo.TINY_DENSE_LR   # BiPO's own, as chosen
+    assert yapo.parse_args(["--tiny", "--lam", "2", "--behavior", "hallucination"]).lam == 2.0
     assert yapo.parse_args(["--tiny", "--mode", "caa"]).lam == 1.0       # mean differences: activation units
     assert yapo.parse_args(["--tiny", "--mode", "sas"]).sas_tau == yapo.TINY_DEFAULTS["sas_tau"] < yapo.Args().sas_tau
 
@@ -1372,12 +1380,14 @@ def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
     result = run_cli("--tiny", "--data", str(DATA), "--out-dir", str(tmp_path), "--n-generations", "0", "--epochs", "1",
                      "--behavior", "culture_egypt", "--format", "mcq", "--multipliers", "-1", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "toy" in result.stdout and re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", result.stdout)
+    assert "At this size culture_egypt shows the mechanics only" in result.stdout
+    assert re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", result.stdout)
     (run,) = tmp_path.iterdir()
     results = json.loads((run / "results.json").read_text())
     assert [r["multiplier"] for r in results["eval"]["rows"]] == [-1.0, 1.0]
     assert all({"rca", "pnlg", "per_country"} <= set(r["mcq"]) for r in results["eval"]["rows"])
-    assert results["args"]["lam"] == float(yapo.TINY_DEFAULTS["lam"]) and results["train"]
+    lam = float(re.search(r"--lam auto: lam = ([\d.e+-]+)", result.stdout)[1])   # measured, printed and stored
+    assert results["args"]["lam"] == pytest.approx(lam, rel=1e-3) and lam > 0 and results["train"]
     assert (results["device"], results["dtype"]) == ("cpu", "float32")
 
 
@@ -1405,7 +1415,8 @@ def test_a_refused_vector_writes_nothing_and_names_the_mismatch(saved_tiny, tmp_
 def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(row(behavior="power_seeking")) + "\n" + '{"behavior": "power_seeking", "prompt": "x"}\n')
-    result = run_cli("--tiny", "--data", str(path), "--out-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    result = run_cli("--tiny", "--data", str(path), "--behavior", "power_seeking", "--out-dir", str(tmp_path / "runs"),
+                     cwd=tmp_path)
     assert result.returncode != 0 and f"{path}:2: missing or empty field 'chosen'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 

@@ -2,11 +2,11 @@
 YaPO: steering vectors learned from preference pairs in the latent space of a sparse autoencoder.
 
 One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-probs -> the loss (Eq. 4) ->
-training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6,
-PNLG Eq. 5) -> saving and export -> models and SAEs -> main. The offline stand-ins come last.
+training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG
+Eq. 5) -> saving and export -> main. After main, the plumbing: file formats, models and SAEs, offline stand-ins.
 
-    python yapo.py --tiny --behavior power_seeking          # offline, a tiny Gemma-2 and SAE trained here, ~1 min
-    python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics on the sample culture data
+    python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~40 s
+    python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
     python yapo.py --preset cpu --behavior power_seeking     # Gemma-3-270m-it + Gemma Scope 2, on a laptop CPU
@@ -14,10 +14,9 @@ PNLG Eq. 5) -> saving and export -> models and SAEs -> main. The offline stand-i
     python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--export-gguf v.gguf]
 
 Each run writes runs/<behavior>_<mode>_<time>/ with vector.safetensors (saved every epoch) and results.json.
-
 Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for
 open-ended answers (their generations are written out for one), and benchmark suites such as MMLU (the
-README shows how to run an external harness with the hook attached).
+README runs an external harness with the hook attached).
 
 References
   YaPO   Yet another Policy Optimization: sparse steering in SAE latent space (2026), arXiv 2601.08441;
@@ -80,10 +79,8 @@ class Args:
     layer: int = arg(15, "steer the residual stream after this decoder layer (the SAE's blocks.L.hook_resid_post)")
     mode: Literal["sparse", "dense", "caa", "sas"] = arg("sparse", "sparse = YaPO (Eq. 3); dense = BiPO; caa, sas = "
                                                          "mean-difference baselines, no training")
-    preset: Literal["", "paper-2b", "paper-9b", "cpu"] = arg("", "the paper's setups, or a real model on a CPU; "
-                                                             "explicit flags win (see PRESETS)")
-    tiny: bool = arg(False, "offline toy: a tiny Gemma-2, tokenizer and SAE trained here for seconds on the training "
-                            "pairs (layer 2 of 4; sets lam 10, lr 5e-3, 20 warm-up steps, SAS tau 0.1 unless given)")
+    preset: Literal["", "paper-2b", "paper-9b", "cpu"] = arg("", "the paper's setups or a CPU one; flags win (PRESETS)")
+    tiny: bool = arg(False, "offline toy: a tiny Gemma-2, tokenizer and SAE trained here in seconds (TINY_DEFAULTS)")
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
@@ -122,8 +119,7 @@ class Args:
     export_multiplier: float = arg(1.0, "m of that file: it holds m*lam*v, sign included (sparse: -m is not -file)")
     out_dir: str = arg("runs", "each run writes a new folder in here")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
-    dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto: bfloat16 on GPUs that compute it natively, "
-                                                        "else float32")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto: bf16 on GPUs with native bf16, else float32")
 
     def __post_init__(self):
         for f in fields(self):
@@ -137,9 +133,8 @@ class Args:
             except ValueError:
                 raise ValueError(f"--lam {self.lam!r}: give a number or auto") from None
         if self.mode in ("caa", "sas") and self.lam != 1.0:   # parse_args gives them lam 1 by default
-            raise ValueError(f"--lam {self.lam} with --mode {self.mode}: a {self.mode.upper()} vector is a mean "
-                             f"difference, already in the units of h (or of the latents), so lam is 1 for it; "
-                             f"scale it with --multipliers instead")
+            raise ValueError(f"--lam {self.lam} with --mode {self.mode}: {self.mode.upper()} is a mean difference, "
+                             f"already in the units of h (or of the latents), so lam is 1; scale it with --multipliers")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -699,6 +694,36 @@ def top_latents(v, sae, n):
     return {"l0": int((v != 0).sum()), "norm": float(v.norm()), "positive": pick(v), "negative": pick(-v)}
 
 
+@torch.no_grad()
+def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
+    """What each latent reads, for any SAE (most have no Neuronpedia page): the n distinct places in the pairs'
+    texts (x + y_w and x + y_l through the chat template) where it fires most, as `width` tokens of context
+    and the firing token in [brackets]. <bos> is left out: many latents fire on it and it says nothing.
+    Returns {latent: [{"activation": z_i, "context": "... [token]"}, ...]}."""
+    seqs = [x + y for p in pairs for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
+    acts, where = [], []
+    for i in range(0, len(seqs), 16):
+        batch = collate([([], s) for s in seqs[i:i + 16]], tok.pad_token_id, model.device)
+        keep = batch["attention_mask"].bool()
+        keep[:, 0] = False
+        z = sae.encode(residual_stream(model, layer, batch["input_ids"], batch["attention_mask"]))
+        acts.append(z[..., latents][keep].float().cpu())                              # [n_tokens, len(latents)]
+        where += [(i + b, t) for b, t in keep.nonzero().tolist()]
+    acts = torch.cat(acts)
+    show = lambda s, t: (tok.decode(s[max(1, t - width):t]) + f"[{tok.decode(s[t:t + 1])}]").replace("\n", "\\n")
+    out = {}
+    for j, latent in enumerate(latents):
+        out[latent], seen = [], set()
+        for row in acts[:, j].argsort(descending=True).tolist():
+            context = show(seqs[where[row][0]], where[row][1])
+            if acts[row, j] <= 0 or len(out[latent]) == n:
+                break
+            if context not in seen:                               # x appears in both x + y_w and x + y_l
+                seen.add(context)
+                out[latent].append({"activation": acts[row, j].item(), "context": context})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Saving, loading and export: safetensors with metadata, checked on load (a vector only means something
 # for the model, layer, SAE and mode it was built with), and llama.cpp control vectors.
@@ -797,7 +822,9 @@ def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
 # ----------------------------------------------------------------------------------------------------
 # main: data -> model and SAE -> train or build (or load) -> evaluate -> interpret -> export -> results.json
 
-TINY_DEFAULTS = dict(lam="10", lr=5e-3, warmup_steps=20, sas_tau=0.1)   # README: the tiny run
+TINY_DEFAULTS = dict(behavior="toy_sentiment", lam="auto", lr=3e-3, epochs=10, warmup_steps=20,   # README: the toy
+                     sas_tau=0.1)
+TINY_DENSE_LR = 7e-3   # BiPO moves the toy less per step than YaPO does; both lrs chosen on a validation split
 
 
 def parse_args(argv=None) -> Args:
@@ -805,6 +832,8 @@ def parse_args(argv=None) -> Args:
     parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
     first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
     defaults = PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})
+    if first.tiny and first.mode == "dense":
+        defaults["lr"] = TINY_DENSE_LR
     if first.mode in ("caa", "sas"):                              # mean differences are in activation units
         defaults["lam"] = "1"
     parser.set_defaults(**defaults)
@@ -844,8 +873,10 @@ def main(argv=None):
         raise ValueError("--top-k prunes SAE latents, so it needs --mode sparse or sas")
     model, tok, sae = setup(args, train_pairs or test_pairs)
     if args.tiny:
-        print("NOTE: --tiny is a toy: a 4-layer model and an SAE trained for seconds on a few hundred sentences. "
-              "It shows the mechanics; its numbers say nothing about real models.")
+        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained here for seconds on the training "
+              "pairs. " + ("toy_sentiment is a behaviour a model this small can learn; its numbers say nothing about "
+                           "real models." if args.behavior == "toy_sentiment" else f"At this size {args.behavior} "
+                           f"shows the mechanics only: a real behaviour needs a real model (README)."))
     fit = sae_fit(model, tok, sae, train_pairs or test_pairs, args.layer) if sae is not None else None
     loaded = load_vector(args.vector, args, sae, model.config.hidden_size, model.device) if args.eval_only else None
     if args.lam == "auto" and loaded is None and fit and fit["fvu"] > POOR_FVU:
@@ -891,11 +922,14 @@ def main(argv=None):
     else:
         print("no held-out pairs: evaluation skipped")
     if sae is not None:
-        results["latents"] = top_latents(v, sae, args.n_top_latents)
-        print(f"\nv: L0 {results['latents']['l0']} of {v.numel()} latents, norm {results['latents']['norm']:.3f}")
-        for sign in ("positive", "negative"):
-            for t in results["latents"][sign]:
-                print(f"  latent {t['latent']:>6} {t['value']:+.4f} {t['url'] or ''}")
+        lat = results["latents"] = top_latents(v, sae, args.n_top_latents)
+        listed = lat["positive"] + lat["negative"]
+        reads = latent_contexts(model, tok, sae, train_pairs or test_pairs, args.layer, [t["latent"] for t in listed])
+        print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
+        for t in listed:
+            t["reads"] = reads[t["latent"]]
+            contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3])
+            print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
     if args.export_gguf:
         direction = control_direction(v, sae, args.export_multiplier * args.lam)
         export_gguf(args.export_gguf, direction, args.layer, model)
@@ -1151,6 +1185,14 @@ def setup(args, pairs):
 TINY_LAYER = 2
 
 
+GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py sends one user turn)
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' "
+    "+ m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
 def tiny_tokenizer(texts):
     """A byte-level BPE tokenizer trained on `texts`, with a Gemma-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -1164,20 +1206,8 @@ def tiny_tokenizer(texts):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
                                   bos_token="<bos>", unk_token="<unk>",
                                   additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
-    tok.chat_template = (
-        "{{ bos_token }}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-        "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' "
-        "+ m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
     return tok
-
-
-def calibrate_thresholds(sae, h, l0):
-    """Set a JumpReLU SAE's thresholds so that about `l0` latents fire per token of h [N, d_in]."""
-    with torch.no_grad():
-        pre = sae.process_sae_in(h) @ sae.W_enc + sae.b_enc             # [N, d_sae]
-        sae.threshold.data = pre.float().quantile(1 - l0 / sae.cfg.d_sae, dim=0).clamp(min=0).to(sae.dtype)
 
 
 def tiny_model(tok, seed):
@@ -1187,17 +1217,18 @@ def tiny_model(tok, seed):
     config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                           sliding_window=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, attn_implementation="eager")
+                          eos_token_id=tok.eos_token_id, attn_implementation="eager",
+                          attn_logit_softcapping=None)    # the head keeps Gemma-2's final soft-capping
     return Gemma2ForCausalLM(config)
 
 
-def train_tiny_lm(model, seqs, pad_id, steps=70, lr=3e-3, batch_size=16, seed=0):
-    """Plain next-token training, stopped early on purpose: 37 pairs are memorised within ~200 steps,
-    and a model that has memorised its training pairs gives steering nothing that carries to new ones."""
+def train_tiny_lm(model, seqs, pad_id, tokens=256_000, lr=2e-2, batch_size=16, seed=0):
+    """Plain next-token training on a budget of about `tokens` tokens, whatever the texts' length (seconds on a
+    CPU): enough for the toy's grammar and its one property, short of memorising the items."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     pick = random.Random(seed)
-    for _ in range(steps):
+    for _ in range(max(1, round(tokens * len(seqs) / (batch_size * sum(map(len, seqs)))))):
         batch = collate([([], s) for s in pick.sample(seqs, min(batch_size, len(seqs)))], pad_id, "cpu")
         ids, mask = batch["input_ids"], batch["attention_mask"]
         model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
@@ -1207,47 +1238,66 @@ def train_tiny_lm(model, seqs, pad_id, steps=70, lr=3e-3, batch_size=16, seed=0)
     return model.eval()
 
 
-def train_tiny_sae(h, layer, d_sae=512, l1=3e-4, steps=500, lr=3e-3, batch_size=512, seed=0):
-    """A ReLU SAE trained on h [N, d_in] with MSE + L1, returned as a sae-lens JumpReLUSAE (thresholds 0,
-    see calibrate_thresholds) with unit-norm decoder rows, as released SAEs have."""
+def train_sae(h, layer, d_sae, k, steps, lr=2e-3, batch_size=512, seed=0, model_name="tiny-gemma2"):
+    """A TopK SAE (Gao et al. 2024) trained on activations h [N, d_in]: each token keeps its k largest latents;
+    the loss is the squared error plus AuxK (latents dead for 100 steps learn, at 1/32 weight, to explain what
+    the live ones miss). Returned as a sae-lens JumpReLUSAE with unit-norm decoder rows: each latent's threshold
+    makes it fire as often as under TopK, so the SAE acts latent by latent (what --top-k pruning needs), L0 ~ k."""
     g = torch.Generator().manual_seed(seed)
-    scale = h.norm(dim=-1).mean()                    # train on h / scale, so that l1 does not depend on ||h||
-    x_all = h / scale
-    W_dec = torch.randn(d_sae, h.shape[1], generator=g)
+    scale = h.norm(dim=-1).mean()                  # train on h / scale: lr and init do not depend on ||h||
+    x_all, d_in = h / scale, h.shape[1]
+    W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
-    W_enc = W_dec.detach().T.clone().requires_grad_()  # tied at the start: each latent reads its own direction
+    W_enc = W_dec.detach().T.clone().requires_grad_()    # tied at the start: each latent reads its own direction
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = x_all.mean(0).clone().requires_grad_()
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 5 * (1 - t / steps)))   # decay over the end
+    idle = torch.zeros(d_sae)                      # steps since each latent last fired
+    topk = lambda pre, n: torch.zeros_like(pre).scatter(-1, *pre.topk(n, dim=-1)[::-1]).relu()
     for _ in range(steps):
         x = x_all[torch.randint(len(x_all), (batch_size,), generator=g)]
-        z = torch.relu((x - b_dec) @ W_enc + b_enc)    # sae-lens subtracts b_dec before encoding too
-        loss = (z @ W_dec + b_dec - x).pow(2).sum(-1).mean() + l1 * (z * W_dec.norm(dim=1)).sum(-1).mean()
-        loss.backward()                                # (L1 weighted by row norms, so shrinking z cannot cheat it)
+        pre = (x - b_dec) @ W_enc + b_enc          # sae-lens subtracts b_dec before encoding too
+        z = topk(pre, k)
+        error = x - (z @ W_dec + b_dec)
+        loss = error.pow(2).sum(-1).mean()
+        dead = idle > 100
+        if dead.any():
+            z_aux = topk(pre.masked_fill(~dead, -torch.inf), min(int(dead.sum()), d_in // 2))
+            loss = loss + (error.detach() - z_aux @ W_dec).pow(2).sum(-1).mean() / 32
+        loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
-    with torch.no_grad():                              # back to raw units; the row norms move into the encoder
-        norms = W_dec.norm(dim=1)
-        state = {"W_dec": W_dec / norms[:, None], "W_enc": W_enc * norms, "b_enc": b_enc * norms * scale,
-                 "b_dec": b_dec * scale, "threshold": torch.zeros(d_sae)}
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=h.shape[1], d_sae=d_sae, metadata=SAEMetadata(
-        hook_name=f"blocks.{layer}.hook_resid_post", model_name="tiny-gemma2")))
-    sae.load_state_dict(state)
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            idle = (idle + 1) * (z == 0).all(0)
+    with torch.no_grad():                          # back to raw units: pre-activations scale with h
+        pre = torch.cat([(x - b_dec) @ W_enc + b_enc for x in x_all[:16384].split(4096)]) * scale   # [n, d_sae]
+        fires = torch.cat([topk(p, k) > 0 for p in pre.split(4096)]).sum(0)              # tokens per latent
+        ranked = pre.sort(dim=0).values
+        threshold = ranked[(len(pre) - fires).clamp(max=len(pre) - 1), torch.arange(d_sae)]   # fires ~fires times
+        threshold = torch.where(fires > 0, threshold, ranked[-1] + 1).clamp(min=0)      # never fired: stays off
+        state = {"W_dec": W_dec, "W_enc": W_enc, "b_enc": b_enc * scale, "b_dec": b_dec * scale,
+                 "threshold": threshold}
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
+        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)))
+    sae.load_state_dict({name: t.detach().contiguous() for name, t in state.items()})
     return sae
 
 
-def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_steps=70):
+def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000):
     """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template),
     its tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer`.
     Pass the training pairs only: held-out pairs must never enter."""
     tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t])
     model = tiny_model(tok, seed)
-    seqs = [x + y for p in pairs if p["rejected"] for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
-    train_tiny_lm(model, seqs, tok.pad_token_id, steps=lm_steps, seed=seed)
+    seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
+            for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
+    train_tiny_lm(model, seqs, tok.pad_token_id, tokens=lm_tokens, seed=seed)
     batch = collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
     h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]
-    sae = train_tiny_sae(h, layer, d_sae, seed=seed)
-    calibrate_thresholds(sae, h, l0)
+    sae = train_sae(h, layer, d_sae, k=l0, steps=500, seed=seed)
     return model, tok, sae
 
 

@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--png", default=None, help="the plot (default: convergence.png next to --out)")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
+    if opts.quick:
+        common.shrink_tiny_lm()
     png = Path(opts.png) if opts.png else Path(opts.out).parent / "convergence.png"
     torch.set_num_threads(1)                                      # as yapo.py --tiny: small matrices lose on threads
     split = yapo.Args(behavior=shapes["behavior"], data=str(common.DATA))

@@ -152,6 +152,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
+    if opts.quick:
+        common.shrink_tiny_lm()
     if opts.threads or not opts.model:
         torch.set_num_threads(opts.threads or 1)                  # the toy's tiny matrices lose on threads
     flags = ["--behavior", shapes["behavior"], "--format", "mcq", "--n-generations", "0", "--device", "cpu"]

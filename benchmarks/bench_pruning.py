@@ -1,13 +1,13 @@
-"""How many latents carry the behaviour: train a YaPO vector on the tiny setup of `yapo.py --tiny`
-(yapo.tiny_setup on the power_seeking training pairs of data_sample.jsonl, yapo.TINY_DEFAULTS for lambda,
-learning rate and warm-up, 20 epochs), then prune it to its top-K latents by |v_i| with yapo.prune and score
-the held-out pairs with yapo.evaluate at multipliers -1, 0, +1.
+"""How many latents carry the behaviour: train a YaPO vector on the offline toy of `yapo.py --tiny` (yapo.tiny_setup
+on the toy_sentiment training pairs of data_sample.jsonl, yapo.TINY_DEFAULTS for lambda, learning rate, epochs and
+warm-up), then prune it to its top-K latents by |v_i| with yapo.prune and score the held-out pairs (items never
+seen in training) with yapo.evaluate at multipliers -1, 0, +1.
 
 behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)) on held-out pairs; "effect" = score(+1) -
 score(-1), and "share of effect" compares it with the unpruned vector's. The behaviour score saturates when
 log-prob differences are large, so the margin (mean log p(y_w|x) - log p(y_l|x), nats) is listed as well.
 
-    python benchmarks/bench_pruning.py            # the figures (about a minute on 2 cores)
+    python benchmarks/bench_pruning.py            # the figures (under a minute on 2 cores)
     python benchmarks/bench_pruning.py --quick    # smoke test of the code paths: 1 epoch on 8 pairs, 4 scored
 """
 
@@ -18,8 +18,8 @@ import common  # first: puts the repository root on sys.path and silences progre
 import torch  # noqa: E402
 import yapo  # noqa: E402
 
-FULL = {"behavior": "power_seeking", "epochs": 20, "ks": [8, 32, 128, "all"], "max_train_pairs": None,
-        "max_test_pairs": None}
+FULL = {"behavior": "toy_sentiment", "epochs": None, "ks": [8, 32, 128, "all"], "max_train_pairs": None,
+        "max_test_pairs": None}                                   # epochs None: --tiny's
 QUICK = FULL | {"epochs": 1, "max_train_pairs": 8, "max_test_pairs": 4}
 
 
@@ -32,12 +32,15 @@ def main(argv=None):
     opts = common.parser(__file__, __doc__.strip().split("\n")[0]).parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     torch.set_num_threads(1)                                      # as yapo.py --tiny: tiny matrices lose on threads
-    args = yapo.Args(**yapo.TINY_DEFAULTS | dict(
-        tiny=True, mode="sparse", behavior=shapes["behavior"], data=str(common.DATA), epochs=shapes["epochs"],
-        multipliers=[-1.0, 0.0, 1.0], n_generations=0, device="cpu"))   # everything else: yapo.py's defaults
+    if opts.quick:
+        common.shrink_tiny_lm()
+    args = yapo.parse_args(["--tiny", "--behavior", shapes["behavior"], "--data", str(common.DATA), "--device", "cpu",
+                            "--multipliers", "-1", "0", "1", "--n-generations", "0"])   # the rest: --tiny's
+    args.epochs = shapes["epochs"] or args.epochs
     train_pairs, test_pairs = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args, train_pairs)               # as yapo.py --tiny: built on the training pairs
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
+    args.lam = yapo.auto_lam(model, tok, sae, train_pairs, args)  # --tiny's lam auto
     print(f"training on {len(train_pairs)} pairs for {args.epochs} epochs; scoring {len(test_pairs)} held-out pairs")
     v, history = yapo.train(model, tok, sae, train_pairs, args)
 

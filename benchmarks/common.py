@@ -2,6 +2,7 @@
 SAE, random token batches, memory readings, tables and JSON. Each script in benchmarks/ imports this first."""
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import yapo  # noqa: E402
 RANDOM_MODEL_NOTE = ("Random model and random SAE: these numbers measure compute, memory or optimisation, "
                      "never real behaviour.")
 TINY_NOTE = ("Toy model and SAE from yapo.tiny_setup (what yapo.py --tiny uses, built offline in seconds on the "
-             "training pairs): these numbers show the mechanics and the optimisation, never real behaviour.")
+             "training pairs): these numbers show what the method does to a tiny model, never real behaviour.")
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -53,6 +54,12 @@ def parser(script_file, description, epilog=None):
 
 
 # ---------------------------------------------------------------------------------------------- models and data
+
+def shrink_tiny_lm(tokens=16_000):
+    """For --quick runs: yapo.setup's tiny language model gets a small training budget. A smoke test checks the
+    code paths, and needs no model that has learned anything."""
+    yapo.tiny_setup = functools.partial(yapo.tiny_setup, lm_tokens=tokens)
+
 
 def gemma2_shaped(vocab_size, hidden_size=256, layers=4, intermediate_size=1024, seed=0):
     """A random Gemma-2 (float32, eager attention). Only the shapes are Gemma's: with its 256,000-token

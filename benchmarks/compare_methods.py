@@ -45,12 +45,15 @@ MODE = {"none": "dense", "CAA": "caa", "SAS": "sas", "BiPO": "dense", "YaPO": "s
 TINY_SAS_TAUS = (0.1, 0.05, 0.02)   # the tiny SAE's latents are rarer than Gemma Scope's: yapo's 0.7 keeps none
 
 
-def yapo_args(opts, rest):
-    """yapo.Args from yapo.py's own parser: --tiny unless a real model is named, so that --preset, --tiny
-    and explicit flags combine exactly as they do for yapo.py."""
-    argv = ["--behavior", opts.behavior, "--seed", str(opts.seed), "--data", opts.data]
-    for flag, value in (("--preset", opts.preset), ("--model", opts.model), ("--sae", opts.sae),
-                        ("--sae-id", opts.sae_id), ("--layer", opts.layer)):
+def yapo_args(opts, rest, mode="sparse"):
+    """yapo.Args for one mode from yapo.py's own parser: --tiny unless a real model is named, so that --preset,
+    --tiny, each mode's own defaults (lam 1 for caa and sas, the toy's lr for dense) and explicit flags combine
+    exactly as they do for yapo.py. A --lam given for the trained methods is not handed to caa and sas."""
+    if mode in ("caa", "sas"):
+        rest = [a for i, a in enumerate(rest) if not (a.startswith("--lam") or i and rest[i - 1] == "--lam")]
+    argv = ["--seed", str(opts.seed), "--data", opts.data, "--mode", mode]
+    for flag, value in (("--behavior", opts.behavior), ("--preset", opts.preset), ("--model", opts.model),
+                        ("--sae", opts.sae), ("--sae-id", opts.sae_id), ("--layer", opts.layer)):
         if value not in (None, ""):
             argv += [flag, str(value)]
     tiny = not (opts.preset or opts.model)
@@ -125,7 +128,7 @@ def main(argv=None):
            "mode", "multipliers", "n_generations", "max_new_tokens", "top_k", "eval_only", "vector",   # set by it
            "export_gguf", "export_multiplier", "out_dir"}
     p = common.parser(__file__, __doc__.strip().split("\n")[0], epilog=passed_through(own))
-    p.add_argument("--behavior", default="power_seeking", help="which rows of --data (their `behavior` field)")
+    p.add_argument("--behavior", default=None, help="which rows of --data (default: yapo.py's, toy_sentiment on --tiny)")
     p.add_argument("--seed", type=int, default=0, help="one seed: the split, the tiny model, training")
     p.add_argument("--data", default=str(common.DATA), help="preference pairs, as yapo.py --data")
     p.add_argument("--kl", type=float, default=0.05, help="drift KL at which methods are compared at equal cost")
@@ -138,12 +141,19 @@ def main(argv=None):
     if opts.kl <= 0:
         p.error("--kl must be positive: the drift KL at m = 0 is 0")
     shapes = QUICK if opts.quick else FULL
-    args, tiny = yapo_args(opts, rest)
-    args.multipliers = shapes["multipliers"]
-    args.n_generations = 0     # the table reads no answers; evaluate still answers open culture prompts,
-    args.max_new_tokens = 1    # so keep those one token long
-    if shapes["epochs"]:
-        args.epochs = shapes["epochs"]
+    if opts.quick:
+        common.shrink_tiny_lm()
+
+    def method_args(mode):
+        args, tiny = yapo_args(opts, rest, mode)
+        args.multipliers = shapes["multipliers"]
+        args.n_generations = 0     # the table reads no answers; evaluate still answers open culture prompts,
+        args.max_new_tokens = 1    # so keep those one token long
+        args.epochs = shapes["epochs"] or args.epochs
+        return args, tiny
+
+    args, tiny = method_args("sparse")                             # sparse: setup loads the SAE too
+    mechanics_only = tiny and args.behavior != "toy_sentiment"     # the toy is the one a tiny model can learn
     if tiny:
         torch.set_num_threads(1)                                   # as yapo.py --tiny: tiny matrices lose on threads
     sas_tau_given = any(a.split("=")[0] == "--sas-tau" for a in rest)
@@ -151,13 +161,12 @@ def main(argv=None):
     train_pairs, test_pairs = yapo.load_pairs(args)
     if not test_pairs:
         raise SystemExit("no held-out pairs: raise --test-fraction or mark rows split='test'")
-    args.mode = "sparse"                                           # so that setup loads the SAE too
     model, tok, sae = yapo.setup(args, train_pairs)                # --tiny: built on the training pairs; sets layer
     if any(p["rejected"] is None for p in train_pairs + test_pairs) or args.resample_rejected == "all":
         yapo.sample_rejected(model, tok, train_pairs + test_pairs, args)   # as yapo.py: on-policy y_l
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} held-out pairs, layer {args.layer}, "
-          f"multipliers {args.multipliers}" + ("  [tiny setup: mechanics only]" if tiny else ""), flush=True)
+          f"multipliers {args.multipliers}" + ("  [tiny setup: mechanics only]" if mechanics_only else ""), flush=True)
 
     fit = yapo.sae_fit(model, tok, sae, train_pairs, args.layer)     # printed; warns if the SAE reads L poorly
     if args.lam == "auto" and fit["fvu"] > yapo.POOR_FVU:
@@ -165,8 +174,10 @@ def main(argv=None):
                          f"--layer, --model and --sae, or pass --lam")
     methods = {}
     for method in METHODS:
-        # CAA and SAS are mean differences in the units of h (or latents): lam 1, as yapo.py --mode caa|sas
-        margs = dataclasses.replace(args, mode=MODE[method], lam=1.0 if method in ("none", "CAA", "SAS") else args.lam)
+        margs = method_args(MODE[method])[0]
+        margs.layer = args.layer                                   # --tiny: set by setup
+        if method == "none":
+            margs.lam = 1.0                                        # v = 0: lam changes nothing
         if margs.lam == "auto":                                    # per method: latents and h differ in scale
             margs.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(margs.mode) else None, train_pairs, margs)
         t0 = time.perf_counter()
@@ -192,7 +203,9 @@ def main(argv=None):
     setup = (f"yapo.tiny_setup (seed {args.seed}) with yapo.TINY_DEFAULTS" if tiny else
              f"{args.model}, SAE {args.sae} / {args.sae_id}, layer {args.layer}")
     note = ((common.TINY_NOTE + " MECHANICS ONLY: this table shows that every method runs end to end and how its "
-             "numbers are read, not which method steers better.") if tiny else
+             "numbers are read, not which method steers better.") if mechanics_only else
+            (common.TINY_NOTE + f" toy_sentiment is a behaviour such a model can learn: the table shows what each "
+             f"method does to it on {len(test_pairs)} held-out pairs (unseen items), one seed.") if tiny else
             f"{len(test_pairs)} held-out pairs, one seed: read differences between methods with that sample in mind.")
     note += (f" Each method is evaluated at m*lam*v with the lam in its row; vectors of different methods have "
              f"different natural scales, so 'm at KL {opts.kl:g}' also compares them at equal drift instead of at "
@@ -200,14 +213,14 @@ def main(argv=None):
              f"next-token distribution after each held-out prompt; scores at m = 0 are the unsteered model's "
              f"for every method.")
     title = (f"# Steering methods compared: {args.behavior}, seed {args.seed}"
-             + (" (tiny setup: MECHANICS ONLY)" if tiny else ""))
+             + (" (tiny setup: MECHANICS ONLY)" if mechanics_only else " (the offline toy)" if tiny else ""))
     markdown = "\n".join([title, "", f"Setup: {setup}; {len(train_pairs)} training pairs, {len(test_pairs)} held-out "
                           f"pairs; multipliers {args.multipliers}" + (" [QUICK: a smoke test]" if opts.quick else ""),
                           "", common.markdown_table(table, columns), "", note, "",
                           "Behaviour score / margin (nats) / drift KL at each multiplier:", "",
                           common.markdown_table(sweep_rows(methods), [("method", "method")] + [
                               (m, f"m={m:g}") for m in args.multipliers]), ""])
-    results = {"benchmark": "compare_methods", "quick": opts.quick, "tiny": tiny, "mechanics_only": tiny,
+    results = {"benchmark": "compare_methods", "quick": opts.quick, "tiny": tiny, "mechanics_only": mechanics_only,
                "setup": setup, "behavior": args.behavior, "seed": args.seed, "kl_threshold": opts.kl,
                "sae_fit": fit, "shapes": shapes | {"train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
                                    "d_model": model.config.hidden_size, "d_sae": sae.cfg.d_sae},

