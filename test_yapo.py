@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,18 @@ DEVICES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
+# test -> a run in its own process, started in the background as the session starts (conftest.py), longest first
+BACKGROUND = {
+    "test_tutorial_notebook_runs_offline_end_to_end":
+        lambda folder: [sys.executable, "-c", NOTEBOOK_RUN, str(ROOT / "tutorial.ipynb"), str(ROOT)],
+    "test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw": lambda folder: yapo_cli(
+        "--tiny", "--data", DATA)(folder),
+    "test_cli_tiny_culture_run_prints_the_papers_metrics": lambda folder: yapo_cli(
+        "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
+        "--format", "mcq", "--multipliers", "-1", "1")(folder),
+    "test_cli_bad_data_fails_before_loading_anything_with_file_and_line": lambda folder: bad_data_cli(folder),
+}
+
 def load(behavior="power_seeking", **kw):
     return yapo.load_pairs(yapo.Args(data=str(DATA), behavior=behavior, **kw), need_train=kw.pop("need_train", True))
 
@@ -49,6 +60,14 @@ def tiny(pairs):
     """The tiny model, tokenizer and SAE of --tiny, on the power_seeking training pairs; its language model gets
     half of --tiny's training, since these tests check mechanics, not what it learns (see `toy`)."""
     return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=128_000)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """What `python yapo.py --tiny` builds: the toy_sentiment pairs (train, test) and the tiny model, tokenizer and
+    SAE trained on the training pairs with seed 0, as (train, test, model, tok, sae)."""
+    train, test = load("toy_sentiment")
+    return (train, test) + yapo.tiny_setup(train, seed=0)
 
 
 @pytest.fixture(params=DEVICES)
@@ -1370,23 +1389,54 @@ def test_main_exports_a_sparse_vector_with_its_fidelity(saved_tiny, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the command line
 
-def run_cli(*argv, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, str(ROOT / "yapo.py"), *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def yapo_cli(*argv):
+    """The command of one `python yapo.py` run in the background (conftest.py), writing into its folder."""
+    return lambda folder: [sys.executable, str(ROOT / "yapo.py"), *argv, "--out-dir", str(folder / "runs")]
 
 
-def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
-    result = run_cli("--tiny", "--data", str(DATA), "--out-dir", str(tmp_path), "--n-generations", "0", "--epochs", "1",
-                     "--behavior", "culture_egypt", "--format", "mcq", "--multipliers", "-1", "1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "At this size culture_egypt shows the mechanics only" in result.stdout
-    assert re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", result.stdout)
-    (run,) = tmp_path.iterdir()
+def cli_run(background_run):
+    """A finished `python yapo.py` run that must have succeeded: (stdout, its one run folder)."""
+    code, stdout, stderr, folder = background_run
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
+    (run,) = (folder / "runs").iterdir()
+    return stdout, run
+
+
+def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, background_run):
+    """`python yapo.py --tiny`, recomputed independently from its saved vector with the model rebuilt here: the
+    held-out behaviour score rises from m = -1 to 0 to +1."""
+    stdout, run = cli_run(background_run)
+    results = json.loads((run / "results.json").read_text())
+    _, test, model, tok, sae = toy
+    args = yapo.Args(**{k: results["args"][k] for k in ("mode", "model", "layer", "sae", "sae_id")})
+    v, lam = yapo.load_vector(run / "vector.safetensors", args, sae, model.config.hidden_size)
+    rows = {r["multiplier"]: r for r in results["eval"]["rows"]}
+    scores = {}
+    for m in (-1.0, 0.0, 1.0):
+        sig = []
+        with torch.no_grad(), yapo.steering(model, LAYER, v, m * lam, sae):
+            for p in test:
+                prompt, chosen, rejected = yapo.tokenize_pair(tok, p)
+                lp = []
+                for resp in (chosen, rejected):
+                    logp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
+                    lp.append(sum(logp[len(prompt) - 1 + t, i] for t, i in enumerate(resp)))
+                sig.append(torch.sigmoid(lp[0] - lp[1]).item())
+        scores[m] = sum(sig) / len(sig)
+        assert rows[m]["behavior_score"] == pytest.approx(scores[m], abs=1e-4)
+    assert scores[-1.0] < scores[0.0] < scores[1.0]
+    assert "toy_sentiment is a behaviour a model this small can learn" in stdout
+    assert re.search(r"latent +\d+ [+-]\d\.\d+ +'[^']*\[[^']+\]'", stdout)      # what each top latent reads
+
+
+def test_cli_tiny_culture_run_prints_the_papers_metrics(background_run):
+    stdout, run = cli_run(background_run)
+    assert "At this size culture_egypt shows the mechanics only" in stdout
+    assert re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", stdout)
     results = json.loads((run / "results.json").read_text())
     assert [r["multiplier"] for r in results["eval"]["rows"]] == [-1.0, 1.0]
     assert all({"rca", "pnlg", "per_country"} <= set(r["mcq"]) for r in results["eval"]["rows"])
-    lam = float(re.search(r"--lam auto: lam = ([\d.e+-]+)", result.stdout)[1])   # measured, printed and stored
+    lam = float(re.search(r"--lam auto: lam = ([\d.e+-]+)", stdout)[1])   # measured, printed and stored
     assert results["args"]["lam"] == pytest.approx(lam, rel=1e-3) and lam > 0 and results["train"]
     assert (results["device"], results["dtype"]) == ("cpu", "float32")
 
@@ -1412,13 +1462,17 @@ def test_a_refused_vector_writes_nothing_and_names_the_mismatch(saved_tiny, tmp_
     assert list(tmp_path.iterdir()) == [run]
 
 
-def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(row(behavior="power_seeking")) + "\n" + '{"behavior": "power_seeking", "prompt": "x"}\n')
-    result = run_cli("--tiny", "--data", str(path), "--behavior", "power_seeking", "--out-dir", str(tmp_path / "runs"),
-                     cwd=tmp_path)
-    assert result.returncode != 0 and f"{path}:2: missing or empty field 'chosen'" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+def bad_data_cli(folder):
+    """`python yapo.py` on a file whose second row lacks its chosen answer."""
+    (folder / "bad.jsonl").write_text(json.dumps(row(behavior="power_seeking")) + "\n"
+                                      + '{"behavior": "power_seeking", "prompt": "x"}\n')
+    return yapo_cli("--tiny", "--data", folder / "bad.jsonl", "--behavior", "power_seeking")(folder)
+
+
+def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(background_run):
+    code, _, stderr, folder = background_run
+    assert code != 0 and f"{folder / 'bad.jsonl'}:2: missing or empty field 'chosen'" in stderr
+    assert "Traceback" not in stderr and not (folder / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------------- the notebook
@@ -1438,9 +1492,18 @@ def notebook_text(nb):
     return "\n".join(parts)
 
 
-def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
+NOTEBOOK_RUN = """import os, sys, nbclient, nbformat
+nb = nbformat.read(sys.argv[1], as_version=4)
+client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}})
+try:
+    client.execute(env=dict(os.environ, YAPO_TINY="1"))   # raises CellExecutionError at the first failing cell
+finally:
+    nbformat.write(nb, "tutorial.executed.ipynb")        # in the run's folder, for a look after a failure
+"""
+
+
+def test_tutorial_notebook_runs_offline_end_to_end(background_run):
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     raw = (ROOT / "tutorial.ipynb").read_text(encoding="utf-8")
     nb = nbformat.reads(raw, as_version=4)
     nbformat.validate(nb)
@@ -1451,13 +1514,9 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     assert str(ROOT) not in raw
     assert not re.search(r"(?<![\w.])/(?:home|Users|work|tmp|root|mnt)/|[A-Za-z]:\\\\", raw)
 
-    env = dict(os.environ, YAPO_TINY="1", HF_HUB_OFFLINE="1")
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT)}})
-    try:
-        client.execute(env=env)        # raises CellExecutionError at the first failing cell
-    finally:
-        nbformat.write(nb, tmp_path / "tutorial.executed.ipynb")   # for a look after a failure
+    code, _, stderr, folder = background_run                       # executed in the background (conftest.py)
+    assert code == 0, stderr[-3000:]
+    nb = nbformat.read(folder / "tutorial.executed.ipynb", as_version=4)
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     text = notebook_text(nb)
 
@@ -1484,6 +1543,9 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
                                                     table, re.M)]
     assert len(rows) >= 3 and rows[-1][4] > rows[0][4]            # the log-prob margin rises with m
     assert next(r for r in rows if r[0] == 0.0)[3] == 0.0         # no drift without steering
+    score = {r[0]: r[1] for r in rows}                            # the toy steers pairs about items it never saw
+    assert score[-1.0] < score[0.0] < score[1.0]
+    assert "fires most on" in text and re.search(r"\[[^\]]+\]", text)   # what each top latent reads
     # sparsity: v uses only latents that fire on the training data
     assert re.search(r"latents with v_i != 0: \d+; of those, never active: 0\b", text)
     # pruning: three rows of scores in [0, 1], the same unsteered score for every K

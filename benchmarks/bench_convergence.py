@@ -1,20 +1,26 @@
 """How fast the optimisation converges, YaPO (sparse, in SAE latents) against BiPO (dense, in the residual
-stream): the same power_seeking training pairs from data_sample.jsonl, the same steps and paper defaults
-(lr 5e-4, beta 0.1, lambda 1, batch 4, AdamW without weight decay, warm-up over the first 10% of the steps),
-3 seeds, on two Gemma-2 sizes:
+stream), at equal settings: the same training pairs, the same steps, the same learning rate for both, lambda
+auto (each vector's own typical scale, yapo.auto_lam), beta 0.1, batch 4, AdamW without weight decay, warm-up
+over the first 10% of the steps, 3 seeds. The paper's own claim is of this kind: YaPO's loss falls below 0.1
+within 150 steps while BiPO stays above 0.3 after 600 (Gemma-2-2B, lr 5e-4, lambda 1).
 
-  tiny   yapo.tiny_setup, exactly what `yapo.py --tiny` builds on the training pairs (its shapes are read
-         back from the model and SAE it returns)
+  tiny   the offline toy, exactly what `yapo.py --tiny` builds on the toy_sentiment training pairs (its
+         shapes are read back from the model and SAE it returns), at --tiny's YaPO learning rate
   small  a random Gemma-2 at d_model 256, 6 layers, with a random JumpReLU SAE of 2048 latents at layer 3
          (decoder rows as long as the median residual-stream norm, thresholds set for ~32 active latents),
-         on the tiny setup's tokenizer
+         on the toy's tokenizer: optimisation only
+  local  with --model/--sae/--layer: a real model and its SAE (benchmarks/local_gemma3.py builds Gemma 3 270M
+         and one), on --behavior's training pairs, with --lr and --epochs
 
 Per run: steps until the training loss first drops below 0.5 and below 0.1, and until the per-step
 training accuracy (share of the batch's pairs with a positive margin) first reaches 1.0; the lowest loss
-of any step and the mean loss over the last epoch. A seed changes the models, the SAEs, the batch order
-and the directions d; the train/test split stays the same.
+of any step and the mean loss over the last epoch. A seed changes the batch order and the directions d, and
+for tiny and small also the models and SAEs; the train/test split stays the same.
 
-    python benchmarks/bench_convergence.py            # the figures and convergence.png (a few minutes)
+    python benchmarks/bench_convergence.py            # tiny and small, and convergence.png (a few minutes)
+    python benchmarks/bench_convergence.py --model benchmarks/local/gemma-3-270m \
+        --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr 3e-3 --epochs 12 \
+        --out benchmarks/results/local_convergence.json                      # the real model (about 30 minutes)
     python benchmarks/bench_convergence.py --quick    # smoke test of the code paths: 1 seed, 1 epoch on 8 pairs
 """
 
@@ -28,7 +34,7 @@ import common  # first: puts the repository root on sys.path and silences progre
 import torch  # noqa: E402
 import yapo  # noqa: E402
 
-FULL = {"behavior": "power_seeking", "epochs": 20, "max_train_pairs": None, "seeds": [0, 1, 2],
+FULL = {"behavior": "toy_sentiment", "epochs": 10, "lr": 3e-3, "max_train_pairs": None, "seeds": [0, 1, 2],
         "loss_thresholds": [0.5, 0.1], "warmup_fraction": 0.1,
         "sizes": {"tiny": "yapo.tiny_setup",
                   "small": {"hidden_size": 256, "layers": 6, "layer": 3, "d_sae": 2048, "l0": 32}}}
@@ -73,13 +79,15 @@ def first_step(values, ok):
 def one_run(model, tok, sae, mode, pairs, spec, seed, shapes):
     steps = shapes["epochs"] * math.ceil(len(pairs) / 4)
     args = yapo.Args(behavior=shapes["behavior"], mode=mode, layer=spec["layer"], seed=seed, epochs=shapes["epochs"],
-                     lam="1", lr=5e-4, beta=0.1, batch_size=4, grad_accum=1, weight_decay=0.0,
-                     warmup_steps=max(1, round(shapes["warmup_fraction"] * steps)))   # the paper's defaults
+                     lam="auto", lr=shapes["lr"], beta=0.1, batch_size=4, grad_accum=1, weight_decay=0.0,
+                     warmup_steps=max(1, round(shapes["warmup_fraction"] * steps)))   # the same for both methods
+    hook_sae = sae if mode == "sparse" else None
+    args.lam = yapo.auto_lam(model, tok, hook_sae, pairs, args)
     t0 = time.perf_counter()
-    _, history = yapo.train(model, tok, sae if mode == "sparse" else None, pairs, args)
+    _, history = yapo.train(model, tok, hook_sae, pairs, args)
     losses, accs = [h["loss"] for h in history], [h["accuracy"] for h in history]
     last_epoch = [h["loss"] for h in history if h["epoch"] == args.epochs - 1]
-    return {"loss": losses, "accuracy": accs, "seconds": time.perf_counter() - t0,
+    return {"loss": losses, "accuracy": accs, "seconds": time.perf_counter() - t0, "lam": args.lam,
             **{f"steps_to_loss_below_{t}": first_step(losses, lambda x: x < t) for t in shapes["loss_thresholds"]},
             "steps_to_accuracy_1": first_step(accs, lambda x: x >= 1.0),
             "min_loss": min(losses), "last_epoch_loss": statistics.mean(last_epoch)}
@@ -103,7 +111,8 @@ def plot(runs, shapes, path):
     import matplotlib
     matplotlib.use("Agg")                                         # no display needed
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (size, by_mode) in zip(axes, runs.items()):
         for mode, label in zip(MODES, ("YaPO (sparse)", "BiPO (dense)")):
             losses = torch.tensor([r["loss"] for r in by_mode[mode]])    # [seeds, steps]
@@ -117,7 +126,7 @@ def plot(runs, shapes, path):
         ax.set_xlabel("step")
     axes[0].set_ylabel(f"training loss (mean, min-max over {len(shapes['seeds'])} seeds)")
     axes[0].legend()
-    fig.suptitle("Toy and random models: optimisation only, not behaviour", fontsize=10)
+    fig.suptitle("Training loss at one learning rate for both methods, lambda auto", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -127,23 +136,40 @@ def plot(runs, shapes, path):
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
     p.add_argument("--png", default=None, help="the plot (default: convergence.png next to --out)")
+    p.add_argument("--model", default=None, help="a real model's folder (with --sae, --layer): the local size alone")
+    p.add_argument("--sae", default=None, help="its SAE folder")
+    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads")
+    p.add_argument("--behavior", default=None, help="whose training pairs (default: the toy's)")
+    p.add_argument("--lr", type=float, default=None, help="the learning rate of both methods")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
+    shapes = shapes | {k: getattr(opts, k) for k in ("behavior", "lr", "epochs") if getattr(opts, k) is not None}
     if opts.quick:
         common.shrink_tiny_lm()
-    png = Path(opts.png) if opts.png else Path(opts.out).parent / "convergence.png"
-    torch.set_num_threads(1)                                      # as yapo.py --tiny: small matrices lose on threads
+    png = Path(opts.png) if opts.png else Path(opts.out).with_suffix(".png") if opts.model else \
+        Path(opts.out).parent / "convergence.png"
+    if not opts.model:
+        torch.set_num_threads(1)                                  # as yapo.py --tiny: small matrices lose on threads
     split = yapo.Args(behavior=shapes["behavior"], data=str(common.DATA))
     train_pairs, _ = yapo.load_pairs(split)                       # one split for every seed
     texts = [t for p in train_pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
+    if opts.model:
+        local = yapo.Args(model=opts.model, sae=opts.sae, layer=opts.layer, device="cpu")
+        local_model = yapo.setup(local, train_pairs)
+        spec = {"hidden_size": local_model[0].config.hidden_size, "layers": local_model[0].config.num_hidden_layers,
+                "layer": opts.layer, "d_sae": local_model[2].cfg.d_sae, "model": opts.model, "sae": opts.sae}
+        shapes = shapes | {"sizes": {"local": spec}}
     sizes = dict(shapes["sizes"])                                 # "tiny" gets the shapes tiny_setup returns
     runs = {size: {mode: [] for mode in MODES} for size in sizes}
     decoder_norms = {size: [] for size in sizes}
     for seed in shapes["seeds"]:
-        tiny = tiny_setup(train_pairs, seed, shapes["behavior"])  # on all training pairs, as yapo.py --tiny
-        sizes["tiny"] = tiny[3]
+        tiny = None if opts.model else tiny_setup(train_pairs, seed, shapes["behavior"])   # as yapo.py --tiny
+        if tiny:
+            sizes["tiny"] = tiny[3]
         for size, spec in sizes.items():
-            model, tok, sae = tiny[:3] if size == "tiny" else small_setup(tiny[1], texts, seed, **spec)
+            model, tok, sae = (local_model if size == "local" else tiny[:3] if size == "tiny"
+                               else small_setup(tiny[1], texts, seed, **spec))
             decoder_norms[size].append(sae.W_dec.norm(dim=1).mean().item())
             for mode in MODES:
                 r = one_run(model, tok, sae, mode, train_pairs[:shapes["max_train_pairs"]], spec, seed, shapes)
@@ -152,7 +178,6 @@ def main(argv=None):
                       f"{r['last_epoch_loss']:.3f}, " + ", ".join(f"loss < {t} at step {r[f'steps_to_loss_below_{t}']}"
                                                                   for t in shapes["loss_thresholds"])
                       + f", accuracy 1.0 at step {r['steps_to_accuracy_1']} ({r['seconds']:.0f} s)", flush=True)
-
     metrics = [f"steps_to_loss_below_{t}" for t in shapes["loss_thresholds"]] + [
         "steps_to_accuracy_1", "min_loss", "last_epoch_loss"]
     summary = [{"size": size, "mode": mode, "method": "YaPO" if mode == "sparse" else "BiPO"}
@@ -161,17 +186,19 @@ def main(argv=None):
                for size, by_mode in runs.items() for mode, rs in by_mode.items()]
     shapes = shapes | {"sizes": sizes}
     plot(runs, shapes, png)
-    note = (f"{common.TINY_NOTE} The small size is a random model with a random SAE. These runs measure the "
-            f"optimisation, as the paper's convergence figure does. Scale is not like for like: one unit of a "
-            f"latent moves h by its SAE decoder row (mean row length "
+    note = ((f"{opts.model} with the SAE {opts.sae} at layer {opts.layer}, {shapes['behavior']}: a real model. "
+             if opts.model else f"{common.TINY_NOTE} The small size is a random model with a random SAE. ")
+            + f"These runs measure the optimisation, as the paper's convergence figure does, at one learning rate "
+            f"({shapes['lr']}) for both methods and lambda auto, each vector's own typical scale (in each run's "
+            f"'lam'). One unit of a latent moves h by its SAE decoder row (mean row length "
             + ", ".join(f"{s} {statistics.mean(n):.2f}" for s, n in decoder_norms.items())
-            + "), while one unit of the dense vector moves one coordinate of h by 1; at the same learning rate "
-            "(the paper's 5e-4 for both) the two vectors take steps of different sizes in h. "
+            + "), one unit of the dense vector one coordinate of h by 1. "
             "Per-step accuracy is over a batch of 4 pairs, so it can reach 1.0 by chance once v moves; the "
             "loss threshold is the steadier measure. Steps count optimizer updates before the first step "
             "that meets the condition (0 = the first step, with v = 0).")
+    first = next(iter(runs.values()))["sparse"][0]
     results = {"benchmark": "convergence", "quick": opts.quick, "shapes": shapes | {
-               "train_pairs": len(train_pairs), "steps": len(runs["tiny"]["sparse"][0]["loss"])},
+               "train_pairs": len(train_pairs[:shapes["max_train_pairs"]]), "steps": len(first["loss"])},
                "machine": common.machine(), "decoder_row_norm": {s: statistics.mean(n) for s, n in decoder_norms.items()},
                "summary": summary, "curves": curves(runs),
                "png": png.name, "note": note}

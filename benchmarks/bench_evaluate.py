@@ -22,7 +22,6 @@ continue a cached prompt (an option's few tokens), "tokens" every position put t
     python benchmarks/bench_evaluate.py --quick                                # smoke test: 4 pairs, 1 repeat
 """
 
-import dataclasses
 import time
 from contextlib import contextmanager
 
@@ -33,6 +32,7 @@ import yapo  # noqa: E402
 
 FULL = {"behavior": "culture_egypt", "pairs": 20, "multipliers": [-2.0, -1.0, 0.0, 1.0, 2.0], "repeats": 3}
 QUICK = FULL | {"behavior": "power_seeking", "pairs": 4, "multipliers": [0.0, 1.0], "repeats": 1}
+LOCAL = FULL | {"multipliers": [-1.0, 1.0], "repeats": 1}       # --model: a real model on a CPU is slow
 
 
 # ---------------------------------------------------------------------------------------------- naive: as first written
@@ -122,8 +122,7 @@ def counting(model):
 
 def measure(fn, model, repeats):
     """Median seconds of fn() over `repeats` runs after one warm-up, and what one run puts through the model."""
-    fn()
-    with counting(model) as counts:
+    with counting(model) as counts:                               # the warm-up, counted
         fn()
     seconds = []
     for _ in range(repeats):
@@ -151,12 +150,13 @@ def main(argv=None):
     p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads (with --model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     opts = p.parse_args(argv)
-    shapes = QUICK if opts.quick else FULL
+    shapes = QUICK if opts.quick else LOCAL if opts.model else FULL
     if opts.quick:
         common.shrink_tiny_lm()
     if opts.threads or not opts.model:
         torch.set_num_threads(opts.threads or 1)                  # the toy's tiny matrices lose on threads
-    flags = ["--behavior", shapes["behavior"], "--format", "mcq", "--n-generations", "0", "--device", "cpu"]
+    flags = ["--behavior", shapes["behavior"], "--data", str(common.DATA), "--format", "mcq", "--n-generations", "0",
+             "--device", "cpu"]
     flags += (["--model", opts.model, "--layer", str(opts.layer)] + (["--sae", opts.sae] if opts.sae else [])
               if opts.model else ["--tiny"])
     args = yapo.parse_args(flags + ["--mode", "sparse" if opts.sae or not opts.model else "dense"])

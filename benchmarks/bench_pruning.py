@@ -1,13 +1,19 @@
-"""How many latents carry the behaviour: train a YaPO vector on the offline toy of `yapo.py --tiny` (yapo.tiny_setup
-on the toy_sentiment training pairs of data_sample.jsonl, yapo.TINY_DEFAULTS for lambda, learning rate, epochs and
-warm-up), then prune it to its top-K latents by |v_i| with yapo.prune and score the held-out pairs (items never
-seen in training) with yapo.evaluate at multipliers -1, 0, +1.
+"""How many latents carry the behaviour, and what they read: train a YaPO vector, prune it to its top-K latents by
+|v_i| with yapo.prune, score the held-out pairs with yapo.evaluate at multipliers -1, 0, +1, and list the top
+latents of the full vector with the places in the training texts where each fires most (yapo.latent_contexts).
+
+By default on the offline toy of `yapo.py --tiny` (yapo.tiny_setup on the toy_sentiment training pairs,
+yapo.TINY_DEFAULTS for lambda, learning rate, epochs and warm-up; held-out pairs ask about items never seen).
+With --model/--sae/--layer on a real model and its SAE, with lambda auto and --lr/--epochs.
 
 behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)) on held-out pairs; "effect" = score(+1) -
 score(-1), and "share of effect" compares it with the unpruned vector's. The behaviour score saturates when
 log-prob differences are large, so the margin (mean log p(y_w|x) - log p(y_l|x), nats) is listed as well.
 
-    python benchmarks/bench_pruning.py            # the figures (under a minute on 2 cores)
+    python benchmarks/bench_pruning.py            # the toy (under a minute on 2 cores)
+    python benchmarks/bench_pruning.py --model benchmarks/local/gemma-3-270m --sae \
+        benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr 3e-3 --epochs 4 \
+        --out benchmarks/results/local_pruning.json                  # the real model
     python benchmarks/bench_pruning.py --quick    # smoke test of the code paths: 1 epoch on 8 pairs, 4 scored
 """
 
@@ -29,18 +35,30 @@ def scores_at(model, tok, sae, v, pairs, args):
 
 
 def main(argv=None):
-    opts = common.parser(__file__, __doc__.strip().split("\n")[0]).parse_args(argv)
+    p = common.parser(__file__, __doc__.strip().split("\n")[0])
+    p.add_argument("--model", default=None, help="a real model's folder (with --sae, --layer); default: the toy")
+    p.add_argument("--sae", default=None, help="its SAE folder")
+    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads")
+    p.add_argument("--behavior", default=None, help="whose pairs (default: the toy's)")
+    p.add_argument("--lr", type=float, default=None, help="the learning rate (default: yapo.py's, or --tiny's)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs")
+    opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
-    torch.set_num_threads(1)                                      # as yapo.py --tiny: tiny matrices lose on threads
+    shapes = shapes | {k: getattr(opts, k) for k in ("behavior", "epochs") if getattr(opts, k) is not None}
     if opts.quick:
         common.shrink_tiny_lm()
-    args = yapo.parse_args(["--tiny", "--behavior", shapes["behavior"], "--data", str(common.DATA), "--device", "cpu",
-                            "--multipliers", "-1", "0", "1", "--n-generations", "0"])   # the rest: --tiny's
+    flags = (["--model", opts.model, "--sae", opts.sae, "--layer", str(opts.layer), "--lam", "auto"] if opts.model
+             else ["--tiny"])
+    if not opts.model:
+        torch.set_num_threads(1)                                  # as yapo.py --tiny: tiny matrices lose on threads
+    args = yapo.parse_args(flags + ["--behavior", shapes["behavior"], "--data", str(common.DATA), "--device", "cpu",
+                                    "--multipliers", "-1", "0", "1", "--n-generations", "0"]
+                           + (["--lr", str(opts.lr)] if opts.lr else []))   # the rest: yapo.py's (or --tiny's)
     args.epochs = shapes["epochs"] or args.epochs
     train_pairs, test_pairs = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args, train_pairs)               # as yapo.py --tiny: built on the training pairs
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
-    args.lam = yapo.auto_lam(model, tok, sae, train_pairs, args)  # --tiny's lam auto
+    args.lam = yapo.auto_lam(model, tok, sae, train_pairs, args)  # lam auto
     print(f"training on {len(train_pairs)} pairs for {args.epochs} epochs; scoring {len(test_pairs)} held-out pairs")
     v, history = yapo.train(model, tok, sae, train_pairs, args)
 
@@ -60,13 +78,20 @@ def main(argv=None):
     full_effect = rows[-1]["effect"]
     for r in rows:
         r["share_of_effect"] = r["effect"] / full_effect if full_effect else None
+    latents = yapo.top_latents(v, sae, 8)                         # what the strongest latents read
+    listed = latents["positive"] + latents["negative"]
+    reads = yapo.latent_contexts(model, tok, sae, train_pairs, args.layer, [t["latent"] for t in listed])
+    for t in listed:
+        t["reads"] = reads[t["latent"]]
 
     results = {"benchmark": "pruning", "quick": opts.quick, "shapes": shapes | {"d_sae": v.numel(),
                "train_pairs": len(train_pairs), "test_pairs": len(test_pairs), "steps": len(history)},
                "args": asdict(args) | {"data": common.DATA.name}, "machine": common.machine(),
+               "tiny": not opts.model,
                "vector": {"l0": int((v != 0).sum()), "norm": v.norm().item(), "final_loss": history[-1]["loss"]},
-               "rows": rows,
-               "note": common.TINY_NOTE + f" The scores are deterministic (log-probs, no sampling), but "
+               "rows": rows, "latents": latents,
+               "note": (f"{args.model} with the SAE {args.sae} at layer {args.layer}." if opts.model else
+                        common.TINY_NOTE) + f" The scores are deterministic (log-probs, no sampling), but "
                        f"{len(test_pairs)} held-out pairs are a small sample."}
 
     print(f"\nv: L0 {results['vector']['l0']} of {v.numel()} latents, norm {v.norm():.3f}; "
@@ -76,6 +101,9 @@ def main(argv=None):
                               ("score_0", "m=0"), ("score_plus_1", "m=+1"), ("effect", "effect (+1 - -1)"),
                               ("share_of_effect", "share of effect"), ("margin_minus_1", "margin m=-1"),
                               ("margin_plus_1", "margin m=+1"), ("drift_kl_plus_1", "drift KL m=+1")])
+    print("\nthe strongest latents of v, and where each fires most in the training texts:")
+    for t in listed:
+        print(f"  {t['latent']:>6} {t['value']:+.4f}  " + "  ".join(repr(r["context"]) for r in t["reads"][:3]))
     print("\n" + results["note"])
     common.write_json(opts.out, results)
     return results

@@ -32,6 +32,8 @@ FULL = {"vocab_size": 256_000, "hidden_size": 256, "layers": 4, "layer": 2, "d_s
 QUICK = FULL | {"vocab_size": 2_048, "hidden_size": 64, "layers": 3, "d_sae": 256, "l0": 16,
                 "calibration_ids": [2, 32], "prompt_lens": [9, 12], "response_len": 4, "rounds": 1,
                 "steps": {"a_floor": 1, "b_yapo": 1, "c_naive": 1}, "threads": 1}
+LOCAL = {"behavior": "power_seeking", "pairs": 4, "rounds": 1, "warmup": 1,   # --model: the first 4 training pairs
+         "steps": {"a_floor": 4, "b_yapo": 4, "c_naive": 2}, "threads": None}
 VARIANTS = ("a_floor", "b_yapo", "c_naive")
 # For scale: figures NOT measured by this repo's scripts, quoted as they were taken.
 AUTHORS_TRAINER_SAME_MACHINE = {
@@ -118,7 +120,16 @@ def training_step(loss_fn, v, args):
 # ---------------------------------------------------------------------------------------------- one variant, in a child
 
 def build(shapes):
-    """Model, SAE and one batch, identical in every child (same seeds)."""
+    """Model, SAE and one batch, identical in every child (same seeds): random, or with --model the real ones and
+    the first training pairs of one behaviour through the chat template."""
+    if shapes.get("model"):
+        model, tok = yapo.load_model(shapes["model"], torch.device("cpu"), torch.float32)
+        sae = yapo.load_sae(shapes["sae"], "", "cpu", torch.float32)
+        pairs, _ = yapo.load_pairs(yapo.Args(behavior=shapes["behavior"], data=str(common.DATA)))
+        examples = [yapo.tokenize_pair(tok, p) for p in pairs[:shapes["pairs"]]]
+        model.requires_grad_(False)
+        sae.requires_grad_(False)
+        return model, sae, examples, yapo.collate([(x, []) for x, _, _ in examples], tok.pad_token_id, "cpu")["input_ids"]
     model = common.gemma2_shaped(shapes["vocab_size"], shapes["hidden_size"], shapes["layers"])
     sample = common.random_ids(*shapes["calibration_ids"], shapes["vocab_size"])   # tokens to set the thresholds
     sae = common.calibrated_sae(model, shapes["layer"], shapes["d_sae"], shapes["l0"], sample)
@@ -135,7 +146,7 @@ def run_variant(name, shapes):
     model, sae, examples, sample = build(shapes)
     args = yapo.Args(layer=shapes["layer"])                       # paper defaults: lam 1, beta 0.1, lr 5e-4
     batch = yapo.collate_pairs(examples, model.config.pad_token_id, "cpu")
-    size = model.config.hidden_size if name == "a_floor" else shapes["d_sae"]
+    size = model.config.hidden_size if name == "a_floor" else sae.cfg.d_sae
     v = torch.zeros(size, requires_grad=True)                     # v = 0: the first step is unsteered, as in train
     loss_fn = {"a_floor": lambda: floor_loss(model, sae, v, batch, args),
                "b_yapo": lambda: yapo_loss(model, sae, v, batch, args, examples),
@@ -179,8 +190,14 @@ def summarise(runs):
 
 
 def main(argv=None):
-    opts = common.parser(__file__, __doc__.strip().split("\n")[0]).parse_args(argv)
+    p = common.parser(__file__, __doc__.strip().split("\n")[0])
+    p.add_argument("--model", default=None, help="a real model's folder (with --sae, --layer): its real shapes")
+    p.add_argument("--sae", default=None, help="its SAE folder")
+    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads")
+    opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
+    if opts.model:
+        shapes = LOCAL | {"model": opts.model, "sae": opts.sae, "layer": opts.layer}
     load_before = [round(x, 2) for x in os.getloadavg()]           # no torch call in the parent before the forks
     runs = {name: [] for name in VARIANTS}
     for r in range(shapes["rounds"]):
@@ -207,12 +224,15 @@ def main(argv=None):
                      "on the machine slows every variant; the load averages show how busy it was"),
         "variants": variants, "ratios": ratios, "targets": targets,
         "b_c_loss_max_abs_difference": agree, "authors_trainer_same_machine": AUTHORS_TRAINER_SAME_MACHINE,
-        "note": common.RANDOM_MODEL_NOTE}
+        "note": f"{opts.model} with the SAE {opts.sae}: real shapes and weights." if opts.model else
+                common.RANDOM_MODEL_NOTE}
 
     rows = [{"variant": n, "step_s": v["median_step_s"], "cpu_s": v["median_cpu_s"], "growth_mb": v["peak_growth_mb"],
              "peak_mb": v["peak_rss_mb"]} for n, v in variants.items()]
-    print(f"\nbatch {first['batch_shape']} (prompts {shapes['prompt_lens']} + responses {shapes['response_len']}), "
-          f"vocab {shapes['vocab_size']}, SAE {shapes['d_sae']} latents, L0 {first['sae_l0']:.0f}"
+    print(f"\nbatch {first['batch_shape']}" + (f" ({opts.model}, {shapes['behavior']}'s first {shapes['pairs']} "
+          f"training pairs), SAE {opts.sae}" if opts.model else f" (prompts {shapes['prompt_lens']} + responses "
+          f"{shapes['response_len']}), vocab {shapes['vocab_size']}, SAE {shapes['d_sae']} latents")
+          + f", L0 {first['sae_l0']:.0f}"
           + ("  [QUICK: tiny shapes, a smoke test; the ratios and targets mean nothing]" if opts.quick else ""))
     common.print_table(rows, [("variant", "variant"), ("step_s", "median s/step"), ("cpu_s", "median CPU s/step"),
                               ("growth_mb", "peak growth MB"), ("peak_mb", "process peak MB")])

@@ -55,6 +55,13 @@ def parser(script_file, description, epilog=None):
 
 # ---------------------------------------------------------------------------------------------- models and data
 
+def with_mode(flags, mode):
+    """yapo.py flags for one --mode: CAA and SAS lose any --lam (their lam is 1, and yapo.py refuses another)."""
+    if mode in ("caa", "sas"):
+        flags = [f for i, f in enumerate(flags) if not (f.startswith("--lam") or i and flags[i - 1] == "--lam")]
+    return flags + ["--mode", mode]
+
+
 def shrink_tiny_lm(tokens=16_000):
     """For --quick runs: yapo.setup's tiny language model gets a small training budget. A smoke test checks the
     code paths, and needs no model that has learned anything."""

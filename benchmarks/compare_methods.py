@@ -49,15 +49,13 @@ def yapo_args(opts, rest, mode="sparse"):
     """yapo.Args for one mode from yapo.py's own parser: --tiny unless a real model is named, so that --preset,
     --tiny, each mode's own defaults (lam 1 for caa and sas, the toy's lr for dense) and explicit flags combine
     exactly as they do for yapo.py. A --lam given for the trained methods is not handed to caa and sas."""
-    if mode in ("caa", "sas"):
-        rest = [a for i, a in enumerate(rest) if not (a.startswith("--lam") or i and rest[i - 1] == "--lam")]
-    argv = ["--seed", str(opts.seed), "--data", opts.data, "--mode", mode]
+    argv = ["--seed", str(opts.seed), "--data", opts.data]
     for flag, value in (("--behavior", opts.behavior), ("--preset", opts.preset), ("--model", opts.model),
                         ("--sae", opts.sae), ("--sae-id", opts.sae_id), ("--layer", opts.layer)):
         if value not in (None, ""):
             argv += [flag, str(value)]
     tiny = not (opts.preset or opts.model)
-    return yapo.parse_args(argv + (["--tiny"] if tiny else []) + rest), tiny
+    return yapo.parse_args(common.with_mode(argv + (["--tiny"] if tiny else []) + rest, mode)), tiny
 
 
 def build(method, model, tok, sae, train_pairs, args, tiny, sas_tau_given):

@@ -25,10 +25,9 @@ against a mean ablation): benchmarks/results/sae_gemma3_270m.json.
 
 import argparse
 import json
-import math
 import os
+import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -219,10 +218,94 @@ def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
     return folder
 
 
+# ---------------------------------------------------------------------------------------------- steering settings
+
+FLAGS = ["--model", str(MODEL_DIR), "--sae", str(SAE_DIR), "--layer", str(LAYER), "--device", "cpu"]
+VALIDATION = {"behaviors": {"power_seeking": [], "culture_egypt": ["--format", "mcq"]}, "lrs": [1e-3, 3e-3, 1e-2],
+              "lam": "auto", "epochs": 4, "share": 0.25, "max_drift": 0.5}
+
+
+def validation_split(pairs, share, seed=0):
+    """The training pairs split again, by group (both forms of a culture question together): (train, validation)."""
+    groups = sorted({p["group"] or p["where"] for p in pairs})
+    random.Random(seed).shuffle(groups)
+    held = set(groups[:max(1, round(share * len(groups)))])
+    return [p for p in pairs if (p["group"] or p["where"]) not in held], [p for p in pairs if (p["group"] or p["where"]) in held]
+
+
+def validate(settings=VALIDATION):
+    """Chooses the one learning rate (lam auto, a fixed number of epochs) that every behaviour and both trained
+    methods use, on validation pairs carved out of the training pairs: held-out pairs are never read. For each
+    candidate, YaPO and BiPO are trained on the rest and scored at m = -1, 0, +1; the choice maximises the mean
+    margin gained from m = -1 to +1 (nats) among the candidates whose mean drift KL at m = +-1 stays under a bound."""
+    build_sae()
+    runs = []
+    model = tok = sae = None
+    for behavior, extra in settings["behaviors"].items():
+        base = yapo.parse_args(FLAGS + ["--behavior", behavior] + extra)
+        train, _ = yapo.load_pairs(base)
+        fit, val = validation_split(train, settings["share"])
+        if model is None:
+            model, tok, sae = yapo.setup(base, train)
+        for lr in settings["lrs"]:
+            for mode in ("sparse", "dense"):
+                args = yapo.parse_args(FLAGS + ["--behavior", behavior, "--mode", mode, "--lr", str(lr), "--lam",
+                                                settings["lam"], "--epochs", str(settings["epochs"]),
+                                                "--multipliers", "-1", "0", "1", "--n-generations", "0"] + extra)
+                hook_sae = sae if mode == "sparse" else None
+                args.lam = yapo.auto_lam(model, tok, hook_sae, fit, args)
+                t0 = time.perf_counter()
+                v, history = yapo.train(model, tok, hook_sae, fit, args)
+                rows = {r["multiplier"]: r for r in yapo.evaluate(model, tok, hook_sae, v, val, args)["rows"]}
+                runs.append({"behavior": behavior, "mode": mode, "lr": lr, "lam": args.lam, "train_pairs": len(fit),
+                             "validation_pairs": len(val), "seconds": time.perf_counter() - t0,
+                             "final_loss": sum(h["loss"] for h in history[-4:]) / 4,
+                             "margin_gain": rows[1.0]["margin"] - rows[-1.0]["margin"],
+                             "score_gain": rows[1.0]["behavior_score"] - rows[-1.0]["behavior_score"],
+                             "drift": (rows[1.0]["drift_kl"] + rows[-1.0]["drift_kl"]) / 2, "rows": list(rows.values())})
+                print(json.dumps({k: v for k, v in runs[-1].items() if k != "rows"}), flush=True)
+    candidates = []
+    for lr in settings["lrs"]:
+        mine = [r for r in runs if r["lr"] == lr]
+        candidates.append({"lr": lr, "margin_gain": sum(r["margin_gain"] for r in mine) / len(mine),
+                           "score_gain": sum(r["score_gain"] for r in mine) / len(mine),
+                           "drift": sum(r["drift"] for r in mine) / len(mine)})
+    allowed = [c for c in candidates if c["drift"] <= settings["max_drift"]] or candidates[:1]
+    chosen = max(allowed, key=lambda c: c["margin_gain"])
+    report = {"benchmark": "local_validation", "settings": settings, "candidates": candidates, "chosen": chosen,
+              "runs": runs, "machine": common.machine(),
+              "note": "Validation pairs are a quarter of the training pairs' groups; held-out pairs are never read."}
+    common.write_json(common.RESULTS / "local_validation.json", report)
+    print(json.dumps(candidates, indent=1), "\nchosen:", chosen)
+    return report
+
+
+BEHAVIORS = {"power_seeking": [], "wealth_seeking": [], "hallucination": [], "jailbreak": [],
+             **{f"culture_{c}": ["--format", "mcq"] for c in ("morocco", "egypt", "lebanon")}}
+
+
+def compare_all(lr, epochs):
+    """benchmarks/compare_methods.py on every behaviour of the sample data (culture: MCQ rows), one setting for all:
+    lambda auto for BiPO and YaPO (1 for CAA and SAS), the learning rate and epochs chosen by validate()."""
+    import compare_methods
+    for behavior, extra in BEHAVIORS.items():
+        compare_methods.main(FLAGS + ["--behavior", behavior, "--lam", "auto", "--lr", str(lr), "--epochs", str(epochs),
+                                      "--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")] + extra)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    p.add_argument("what", choices=["model", "sae"], help="the model folder, or the SAE (and the model if missing)")
+    p.add_argument("what", choices=["model", "sae", "validate", "compare"],
+                   help="the model folder; the SAE (and the model if missing); the steering settings (on validation "
+                        "pairs); the five methods on every behaviour, with the chosen settings")
     opts = p.parse_args(argv)
+    if opts.what == "validate":
+        validate()
+        return
+    if opts.what == "compare":
+        chosen = json.loads((common.RESULTS / "local_validation.json").read_text())
+        compare_all(chosen["chosen"]["lr"], chosen["settings"]["epochs"])
+        return
     folder = build_model() if opts.what == "model" else build_sae()
     print(f"ready: {folder}")
 

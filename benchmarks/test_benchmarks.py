@@ -5,12 +5,9 @@ write every JSON field it documents; values that can be checked independently an
 """
 
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,75 +15,29 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ["none", "CAA", "SAS", "BiPO", "YaPO"]
-# test -> the script it runs with --quick, and extra flags; longest first (they start in this order).
+
+
+def quick(script, *extra):
+    """The command of one benchmark's --quick run, writing its JSON into the run's folder."""
+    return lambda folder: [sys.executable, str(HERE / script), "--quick", "--out", str(folder / "out.json"), *extra]
+
+
+# test -> its benchmark's --quick run, started in the background as the session starts (conftest.py), longest first.
 # culture_egypt: its MCQ rows with both forms exercise compare_methods' MCQ accuracy, RCA and PNLG columns too.
-RUNS = {"test_compare_methods_quick": ("compare_methods.py", "--behavior", "culture_egypt", "--kl", "0.002"),
-        "test_evaluate_quick": ("bench_evaluate.py",),
-        "test_pruning_quick": ("bench_pruning.py",), "test_convergence_quick": ("bench_convergence.py",),
-        "test_train_step_quick": ("bench_train_step.py",), "test_generate_quick": ("bench_generate.py",)}
+BACKGROUND = {"test_compare_methods_quick": quick("compare_methods.py", "--behavior", "culture_egypt", "--kl", "0.002"),
+              "test_pruning_quick": quick("bench_pruning.py"), "test_evaluate_quick": quick("bench_evaluate.py"),
+              "test_convergence_quick": quick("bench_convergence.py"), "test_generate_quick": quick("bench_generate.py"),
+              "test_train_step_quick": quick("bench_train_step.py")}
 
 
-class QuickRuns:
-    """The selected quick runs, started in test order, at most one per CPU at a time: each spends most of
-    its time importing sae_lens on one core, so on 2 cores two at a time take about half as long."""
-
-    def __init__(self, tests, tmp_path_factory):
-        self.env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {
-            "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-        self.waiting, self.running, self.tmp = list(tests), {}, tmp_path_factory
-        self.fill()
-
-    def fill(self):
-        while self.waiting and sum(p.poll() is None for p, _ in self.running.values()) < (os.cpu_count() or 1):
-            test = self.waiting.pop(0)
-            script, *extra = RUNS[test]
-            folder = self.tmp.mktemp(Path(script).stem)
-            with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:   # no pipe to fill
-                proc = subprocess.Popen([sys.executable, str(HERE / script), "--quick",
-                                         "--out", str(folder / "out.json"), *extra],
-                                        cwd=ROOT, env=self.env, stdout=stdout, stderr=stderr)
-            self.running[test] = (proc, folder)
-
-    def result(self, test):
-        """Wait for `test`'s run; returns (its JSON, its stdout, the folder it wrote to)."""
-        while test not in self.running:                 # selected out of order (e.g. -k): start it now
-            self.waiting.remove(test)
-            self.waiting.insert(0, test)
-            self.fill()
-        proc, folder = self.running[test]
-        deadline = time.monotonic() + 300
-        while proc.poll() is None:                      # keep every CPU busy meanwhile
-            self.fill()
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"{RUNS[test][0]} --quick ran over 300 s")
-            time.sleep(0.2)
-        self.fill()
-        stdout = (folder / "stdout").read_text()
-        assert proc.returncode == 0, stdout[-2000:] + (folder / "stderr").read_text()[-3000:]
-        data = json.loads((folder / "out.json").read_text())
-        assert data["quick"] is True
-        assert "never real behaviour" in data["note"]
-        return data, stdout, folder
-
-    def stop(self):
-        for proc, _ in self.running.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture(scope="module")
-def quick_runs(request, tmp_path_factory):
-    names = [getattr(item, "originalname", item.name) for item in request.session.items]
-    selected = [name for name in RUNS if name in names]
-    runs = QuickRuns(selected, tmp_path_factory)
-    yield runs
-    runs.stop()
-
-
-def quick_result(quick_runs, request):
-    return quick_runs.result(request.node.originalname)
+def quick_result(background_run):
+    """A finished --quick run: (its JSON, its stdout, its folder)."""
+    code, stdout, stderr, folder = background_run
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
+    data = json.loads((folder / "out.json").read_text())
+    assert data["quick"] is True
+    assert "never real behaviour" in data["note"]
+    return data, stdout, folder
 
 
 def has(d, keys):
@@ -98,8 +49,8 @@ def close(a, b, tol=1e-6):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-def test_compare_methods_quick(quick_runs, request):
-    data, stdout, folder = quick_result(quick_runs, request)   # --kl 0.002: some method crosses it in the sweep
+def test_compare_methods_quick(background_run):
+    data, stdout, folder = quick_result(background_run)   # --kl 0.002: some method crosses it in the sweep
     has(data, ["benchmark", "quick", "tiny", "mechanics_only", "setup", "behavior", "seed", "kl_threshold", "shapes",
                "args", "machine", "methods", "table", "markdown", "note"])
     assert data["tiny"] and data["mechanics_only"] and "MECHANICS ONLY" in data["note"]
@@ -167,8 +118,8 @@ def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
         "n-generations", "max-new-tokens", "top-k", "eval-only", "vector", "export-gguf", "export-multiplier", "out-dir"}
 
 
-def test_pruning_quick(quick_runs, request):
-    data, _, _ = quick_result(quick_runs, request)
+def test_pruning_quick(background_run):
+    data, _, _ = quick_result(background_run)
     has(data, ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"])
     d_sae = data["shapes"]["d_sae"]
     assert [str(r["k"]) for r in data["rows"]] == ["8", "32", "128", f"all ({d_sae})"]
@@ -184,8 +135,8 @@ def test_pruning_quick(quick_runs, request):
     assert data["vector"]["l0"] <= d_sae
 
 
-def test_convergence_quick(quick_runs, request):
-    data, _, folder = quick_result(quick_runs, request)
+def test_convergence_quick(background_run):
+    data, _, folder = quick_result(background_run)
     has(data, ["benchmark", "quick", "shapes", "machine", "decoder_row_norm", "summary", "curves", "png", "note"])
     shapes = data["shapes"]
     assert {(s["size"], s["method"]) for s in data["summary"]} == {
@@ -204,8 +155,8 @@ def test_convergence_quick(quick_runs, request):
     assert (folder / data["png"]).stat().st_size > 0
 
 
-def test_evaluate_quick(quick_runs, request):
-    data, _, _ = quick_result(quick_runs, request)
+def test_evaluate_quick(background_run):
+    data, _, _ = quick_result(background_run)
     has(data, ["benchmark", "quick", "model", "shapes", "machine", "variants", "naive_vs_yapo_max_abs_difference",
                "target", "note"])
     assert data["naive_vs_yapo_max_abs_difference"] < 1e-4             # the same metrics, computed two ways
@@ -223,8 +174,8 @@ def test_evaluate_quick(quick_runs, request):
         "tokens_per_pair_per_multiplier"]
 
 
-def test_train_step_quick(quick_runs, request):
-    data, _, _ = quick_result(quick_runs, request)
+def test_train_step_quick(background_run):
+    data, _, _ = quick_result(background_run)
     assert set(data) == {"benchmark", "quick", "shapes", "machine", "measured", "variants", "ratios", "targets",
                          "b_c_loss_max_abs_difference", "authors_trainer_same_machine", "note"}
     assert data["authors_trainer_same_machine"] | {"how": None} == {
@@ -249,8 +200,8 @@ def test_train_step_quick(quick_runs, request):
     assert shapes["batch_shape"][0] == 2 * len(shapes["prompt_lens"])
 
 
-def test_generate_quick(quick_runs, request):
-    data, _, _ = quick_result(quick_runs, request)
+def test_generate_quick(background_run):
+    data, _, _ = quick_result(background_run)
     has(data, ["benchmark", "quick", "shapes", "machine", "measured", "unsteered_ms_per_token", "variants",
                "target", "note"])
     shapes = data["shapes"]

@@ -1,0 +1,64 @@
+"""Does steering cost general knowledge? The paper checks MMLU with the vector attached; this runs the same recipe
+with EleutherAI's lm-evaluation-harness on a small local task (benchmarks/knowledge: 60 easy four-way questions
+written for this project, zero-shot, scored by the log-likelihood of each answer) on the local Gemma 3 270M,
+unsteered and steered at m = -1 and +1 with a YaPO and a BiPO vector: accuracy with its standard error.
+
+    pip install lm-eval==0.4.13
+    python benchmarks/knowledge_check.py --yapo runs/<yapo run>/vector.safetensors --bipo runs/<bipo run>/vector.safetensors
+
+The vectors come from `yapo.py` runs on the local model (the README's "Results on a pretrained model" gives the
+commands), each read back with the arguments stored in its file; run from the repository root. The JSON goes to
+benchmarks/results/knowledge_check.json. The body of main's loop is the README's recipe, line for line.
+"""
+
+import time
+
+import common  # first: puts the repository root on sys.path and silences progress bars
+
+import local_gemma3  # noqa: E402
+
+
+def main(argv=None):
+    p = common.parser(__file__, __doc__.strip().split("\n")[0])
+    p.add_argument("--yapo", required=True, help="a YaPO vector.safetensors of the local model")
+    p.add_argument("--bipo", required=True, help="a BiPO vector.safetensors of the local model")
+    opts = p.parse_args(argv)
+    t0 = time.perf_counter()
+    results = {}
+    for name, path in (("YaPO", opts.yapo), ("BiPO", opts.bipo)):
+        print(f"{name}: {path}")
+        # --- the README's recipe ---------------------------------------------------------------------------
+        import json, lm_eval, yapo
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+        from safetensors import safe_open
+
+        args = yapo.Args(**json.loads(safe_open(path, "pt").metadata()["args"]))   # as the vector was trained
+        device, dtype = yapo.pick_device_dtype(args.device, args.dtype)
+        model, tok = yapo.load_model(args.model, device, dtype)
+        sae = yapo.load_sae(args.sae, args.sae_id, device, dtype) if args.mode == "sparse" else None
+        v, lam = yapo.load_vector(path, args, sae, model.config.hidden_size, device)
+        lm, tasks = HFLM(pretrained=model, tokenizer=tok, batch_size=8), TaskManager(include_path="benchmarks/knowledge")
+        for m in (-1.0, 0.0, 1.0):
+            with yapo.steering(model, args.layer, v, m * lam, sae):
+                out = lm_eval.simple_evaluate(model=lm, tasks=["yapo_knowledge"], task_manager=tasks)
+            print(m, out["results"]["yapo_knowledge"])
+        # -----------------------------------------------------------------------------------------------------
+            results[f"{name} m={m:g}"] = {"vector": name, "multiplier": m, "lam": lam, "path": path,
+                                          **{k.split(",")[0]: v_ for k, v_ in out["results"]["yapo_knowledge"].items()
+                                             if k != "alias"}}
+    rows = [{"run": k} | v for k, v in results.items()]
+    report = {"benchmark": "knowledge_check", "task": "benchmarks/knowledge/yapo_knowledge.yaml", "questions": 60,
+              "chance": 0.25, "model": str(local_gemma3.MODEL_DIR.relative_to(common.ROOT)), "runs": results,
+              "seconds": time.perf_counter() - t0, "machine": common.machine(),
+              "note": "Zero-shot, no chat template (a pretrained model); acc is the share of questions whose correct "
+                      "answer has the highest log-likelihood, acc_norm the same per byte; stderr is the harness's."}
+    common.print_table(rows, [("run", "run"), ("acc", "acc"), ("acc_stderr", "± stderr"), ("acc_norm", "acc_norm"),
+                              ("acc_norm_stderr", "± stderr")])
+    common.write_json(opts.out, report)
+    print(json.dumps({k: {m: v[m] for m in ("acc", "acc_stderr")} for k, v in results.items()}))
+    return report
+
+
+if __name__ == "__main__":
+    main()
