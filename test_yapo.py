@@ -1,7 +1,8 @@
 """The specification of yapo.py, offline: a tiny Gemma-2, a tokenizer and a JumpReLU SAE built here stand in
 for Gemma-2-2B and Gemma Scope. The tests of the method come first, in the paper's order (Eq. 3, log-probs,
 Eq. 4, Algorithm 1, the baselines, the metrics); the plumbing (data, files, command line) after them.
-Tests that touch the device path also run on CUDA in bf16 when a GPU is present.
+Tests that touch the device path also run on CUDA in bf16 when a GPU is present. The runs in a process of their
+own (the command line, the notebook) start in the background as the session starts (conftest.py: BACKGROUND).
 Run: python -m pytest -q test_yapo.py benchmarks/test_benchmarks.py"""
 
 import copy
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import re
+import string
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -756,6 +758,14 @@ def test_evaluation_generates_greedy_answers_per_multiplier(tiny, pairs, trained
                                         ("B.", "B"), ("D", "D"), ("A cup of coffee.", None), ("I think so", None)])
 def test_answer_labels_are_read_from_boxed_parenthesised_or_bare_answers(text, label):
     assert yapo.answer_label(text) == label
+
+
+def test_the_judge_template_is_filled_from_a_pair_and_its_answer():
+    pair = {"prompt": "Q?", "chosen": "the reference", "country": "egypt"}
+    fields = {name for _, name, _, _ in string.Formatter().parse(yapo.JUDGE_TEMPLATE) if name}
+    assert fields == {"country", "prompt", "chosen", "answer"}
+    filled = yapo.JUDGE_TEMPLATE.format(**pair, answer="an answer")
+    assert "fit to egypt" in filled and "Reference answer from someone in egypt: the reference" in filled
 
 
 def test_culture_metrics_match_hand_computed_rca_and_pnlg():

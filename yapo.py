@@ -573,6 +573,16 @@ def mcq_choices(model, tok, pairs, args):
     return prompt_scores(model, tok, pairs, args.batch_size)[1]
 
 
+# Open-ended rows are scored by a judge model on their greedy answers (generations.jsonl). The paper's judge prompt
+# is not reproduced; this one is in its spirit. Its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
+JUDGE_TEMPLATE = """You are grading an answer for cultural fit to {country}. Question: {prompt}
+Reference answer from someone in {country}: {chosen}
+Answer to grade: {answer}
+Score 1-10: 1-2 wrong or generic/Western, not specific to {country}; 3-4 partly relevant but vague;
+5-6 plausible for the region but not clearly {country}; 7-8 specific to {country} and consistent with
+the reference; 9-10 specific, correct and as natural as the reference. Reply with the number only."""
+
+
 def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
     """MCQ accuracy overall and per form; over the groups that have both forms, with p_loc / p_non a group's
     mean score on its localized / non-localized rows and p_bar their mean:
@@ -698,8 +708,8 @@ def top_latents(v, sae, n):
 def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
     """What each latent reads, for any SAE (most have no Neuronpedia page): the n distinct places in the pairs'
     texts (x + y_w and x + y_l through the chat template) where it fires most, as `width` tokens of context
-    and the firing token in [brackets]. <bos> is left out: many latents fire on it and it says nothing.
-    Returns {latent: [{"activation": z_i, "context": "... [token]"}, ...]}."""
+    and the firing token in [brackets]. <bos> is left out: many latents fire on it and it says nothing (a latent
+    that fires on nothing else gets an empty list). Returns {latent: [{"activation": z_i, "context": "..."}]}."""
     seqs = [x + y for p in pairs for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
     acts, where = [], []
     for i in range(0, len(seqs), 16):
@@ -915,7 +925,7 @@ def main(argv=None):
     if test_pairs:
         results["eval"] = evaluate(model, tok, eval_sae, eval_v, test_pairs, args)
         print_table(results["eval"]["rows"])
-        with open(run / "generations.jsonl", "w") as f:          # for an external judge (README: the rubric)
+        with open(run / "generations.jsonl", "w") as f:          # for an external judge (JUDGE_TEMPLATE)
             f.writelines(json.dumps(g) + "\n" for g in results["eval"]["generations"])
         for g in results["eval"]["generations"][:3 * len(args.multipliers)]:
             print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
@@ -928,7 +938,7 @@ def main(argv=None):
         print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
         for t in listed:
             t["reads"] = reads[t["latent"]]
-            contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3])
+            contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
             print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
     if args.export_gguf:
         direction = control_direction(v, sae, args.export_multiplier * args.lam)

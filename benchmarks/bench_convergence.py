@@ -122,7 +122,8 @@ def plot(runs, shapes, path):
         for t in shapes["loss_thresholds"]:
             ax.axhline(t, color="grey", ls=":", lw=1)
         spec = shapes["sizes"][size]
-        ax.set_title(f"{size}: d_model {spec['hidden_size']}, {spec['layers']} layers, SAE {spec['d_sae']}", fontsize=10)
+        ax.set_title(f"{size}: d_model {spec['hidden_size']}, {spec['layers']} layers, SAE {spec['d_sae']}",
+                     fontsize=10)
         ax.set_xlabel("step")
     axes[0].set_ylabel(f"training loss (mean, min-max over {len(shapes['seeds'])} seeds)")
     axes[0].legend()
@@ -199,7 +200,8 @@ def main(argv=None):
     first = next(iter(runs.values()))["sparse"][0]
     results = {"benchmark": "convergence", "quick": opts.quick, "shapes": shapes | {
                "train_pairs": len(train_pairs[:shapes["max_train_pairs"]]), "steps": len(first["loss"])},
-               "machine": common.machine(), "decoder_row_norm": {s: statistics.mean(n) for s, n in decoder_norms.items()},
+               "machine": common.machine(),
+               "decoder_row_norm": {s: statistics.mean(n) for s, n in decoder_norms.items()},
                "summary": summary, "curves": curves(runs),
                "png": png.name, "note": note}
 

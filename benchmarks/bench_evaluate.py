@@ -187,7 +187,8 @@ def main(argv=None):
         v_["over_floor"] = v_["median_s"] / floor_s
     difference = largest_difference(runs["naive"](), runs["yapo"]())
 
-    results = {"benchmark": "evaluate", "quick": opts.quick, "model": args.model, "sae": args.sae if sae is not None else None,
+    results = {"benchmark": "evaluate", "quick": opts.quick, "model": args.model,
+               "sae": args.sae if sae is not None else None,
                "layer": args.layer, "shapes": shapes | {"option_counts": sorted({len(yapo.option_labels(p["prompt"]))
                                                                                   for p in pairs})},
                "machine": common.machine(), "variants": variants, "naive_vs_yapo_max_abs_difference": difference,

@@ -12,8 +12,8 @@ log-prob differences are large, so the margin (mean log p(y_w|x) - log p(y_l|x),
 
     python benchmarks/bench_pruning.py            # the toy (under a minute on 2 cores)
     python benchmarks/bench_pruning.py --model benchmarks/local/gemma-3-270m --sae \
-        benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr 3e-3 --epochs 4 \
-        --out benchmarks/results/local_pruning.json                  # the real model
+        benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr LR --epochs 4 \
+        --warmup-steps 4 --out benchmarks/results/local_pruning.json  # the real model (LR: local_gemma3.py validate's)
     python benchmarks/bench_pruning.py --quick    # smoke test of the code paths: 1 epoch on 8 pairs, 4 scored
 """
 
@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--behavior", default=None, help="whose pairs (default: the toy's)")
     p.add_argument("--lr", type=float, default=None, help="the learning rate (default: yapo.py's, or --tiny's)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs")
+    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (default: yapo.py's, or --tiny's)")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     shapes = shapes | {k: getattr(opts, k) for k in ("behavior", "epochs") if getattr(opts, k) is not None}
@@ -53,7 +54,8 @@ def main(argv=None):
         torch.set_num_threads(1)                                  # as yapo.py --tiny: tiny matrices lose on threads
     args = yapo.parse_args(flags + ["--behavior", shapes["behavior"], "--data", str(common.DATA), "--device", "cpu",
                                     "--multipliers", "-1", "0", "1", "--n-generations", "0"]
-                           + (["--lr", str(opts.lr)] if opts.lr else []))   # the rest: yapo.py's (or --tiny's)
+                           + (["--lr", str(opts.lr)] if opts.lr else [])
+                           + (["--warmup-steps", str(opts.warmup_steps)] if opts.warmup_steps is not None else []))
     args.epochs = shapes["epochs"] or args.epochs
     train_pairs, test_pairs = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args, train_pairs)               # as yapo.py --tiny: built on the training pairs
@@ -103,7 +105,8 @@ def main(argv=None):
                               ("margin_plus_1", "margin m=+1"), ("drift_kl_plus_1", "drift KL m=+1")])
     print("\nthe strongest latents of v, and where each fires most in the training texts:")
     for t in listed:
-        print(f"  {t['latent']:>6} {t['value']:+.4f}  " + "  ".join(repr(r["context"]) for r in t["reads"][:3]))
+        reads = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
+        print(f"  {t['latent']:>6} {t['value']:+.4f}  {reads}")
     print("\n" + results["note"])
     common.write_json(opts.out, results)
     return results

@@ -129,7 +129,8 @@ def build(shapes):
         examples = [yapo.tokenize_pair(tok, p) for p in pairs[:shapes["pairs"]]]
         model.requires_grad_(False)
         sae.requires_grad_(False)
-        return model, sae, examples, yapo.collate([(x, []) for x, _, _ in examples], tok.pad_token_id, "cpu")["input_ids"]
+        prompts = yapo.collate([(x, []) for x, _, _ in examples], tok.pad_token_id, "cpu")["input_ids"]
+        return model, sae, examples, prompts
     model = common.gemma2_shaped(shapes["vocab_size"], shapes["hidden_size"], shapes["layers"])
     sample = common.random_ids(*shapes["calibration_ids"], shapes["vocab_size"])   # tokens to set the thresholds
     sae = common.calibrated_sae(model, shapes["layer"], shapes["d_sae"], shapes["l0"], sample)

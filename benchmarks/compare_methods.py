@@ -126,7 +126,7 @@ def main(argv=None):
            "mode", "multipliers", "n_generations", "max_new_tokens", "top_k", "eval_only", "vector",   # set by it
            "export_gguf", "export_multiplier", "out_dir"}
     p = common.parser(__file__, __doc__.strip().split("\n")[0], epilog=passed_through(own))
-    p.add_argument("--behavior", default=None, help="which rows of --data (default: yapo.py's, toy_sentiment on --tiny)")
+    p.add_argument("--behavior", default=None, help="which rows of --data (default: yapo.py's; --tiny: the toy)")
     p.add_argument("--seed", type=int, default=0, help="one seed: the split, the tiny model, training")
     p.add_argument("--data", default=str(common.DATA), help="preference pairs, as yapo.py --data")
     p.add_argument("--kl", type=float, default=0.05, help="drift KL at which methods are compared at equal cost")

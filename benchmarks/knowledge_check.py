@@ -4,7 +4,8 @@ written for this project, zero-shot, scored by the log-likelihood of each answer
 unsteered and steered at m = -1 and +1 with a YaPO and a BiPO vector: accuracy with its standard error.
 
     pip install lm-eval==0.4.13
-    python benchmarks/knowledge_check.py --yapo runs/<yapo run>/vector.safetensors --bipo runs/<bipo run>/vector.safetensors
+    python benchmarks/knowledge_check.py --yapo runs/<YaPO run>/vector.safetensors \
+        --bipo runs/<BiPO run>/vector.safetensors
 
 The vectors come from `yapo.py` runs on the local model (the README's "Results on a pretrained model" gives the
 commands), each read back with the arguments stored in its file; run from the repository root. The JSON goes to
@@ -38,7 +39,8 @@ def main(argv=None):
         model, tok = yapo.load_model(args.model, device, dtype)
         sae = yapo.load_sae(args.sae, args.sae_id, device, dtype) if args.mode == "sparse" else None
         v, lam = yapo.load_vector(path, args, sae, model.config.hidden_size, device)
-        lm, tasks = HFLM(pretrained=model, tokenizer=tok, batch_size=8), TaskManager(include_path="benchmarks/knowledge")
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8)
+        tasks = TaskManager(include_path="benchmarks/knowledge")
         for m in (-1.0, 0.0, 1.0):
             with yapo.steering(model, args.layer, v, m * lam, sae):
                 out = lm_eval.simple_evaluate(model=lm, tasks=["yapo_knowledge"], task_manager=tasks)

