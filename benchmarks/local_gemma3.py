@@ -291,6 +291,12 @@ BEHAVIORS = {"power_seeking": [], "wealth_seeking": [], "hallucination": [], "ja
              **{f"culture_{c}": ["--format", "mcq"] for c in ("morocco", "egypt", "lebanon")}}
 
 
+# SAS keeps latents active on more than tau of one side's tokens. At the authors' 0.7 this SAE has none on
+# power_seeking (its answers are long and varied, its latents sparse), so SAS would be empty; 0.1 is the toy's
+# value (yapo.TINY_DEFAULTS), one setting for every behaviour, not tuned.
+SAS_TAU = 0.1
+
+
 def chosen_settings():
     """The steering flags validate() chose: lambda auto, its learning rate, epochs and warm-up."""
     report = json.loads((common.RESULTS / "local_validation.json").read_text())
@@ -303,8 +309,8 @@ def compare_all():
     lambda auto for BiPO and YaPO (1 for CAA and SAS), and what validate() chose."""
     import compare_methods
     for behavior, extra in BEHAVIORS.items():
-        compare_methods.main(FLAGS + ["--behavior", behavior] + chosen_settings() + extra
-                             + ["--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")])
+        compare_methods.main(FLAGS + ["--behavior", behavior] + chosen_settings() + ["--sas-tau", str(SAS_TAU)]
+                             + extra + ["--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")])
 
 
 def main(argv=None):
