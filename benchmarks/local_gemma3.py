@@ -304,11 +304,15 @@ def chosen_settings():
             "--warmup-steps", str(report["settings"]["warmup_steps"])]
 
 
-def compare_all():
-    """benchmarks/compare_methods.py on every behaviour of the sample data (culture: MCQ rows), one setting for all:
-    lambda auto for BiPO and YaPO (1 for CAA and SAS), and what validate() chose."""
+def compare_all(behaviors=None):
+    """benchmarks/compare_methods.py on every behaviour of the sample data (culture: MCQ rows), or on those named,
+    in that order; one setting for all: lambda auto for BiPO and YaPO (1 for CAA and SAS), and what validate() chose."""
     import compare_methods
-    for behavior, extra in BEHAVIORS.items():
+    unknown = set(behaviors or []) - set(BEHAVIORS)
+    if unknown:
+        raise SystemExit(f"unknown behaviour(s) {sorted(unknown)}: choose from {list(BEHAVIORS)}")
+    for behavior in behaviors or BEHAVIORS:
+        extra = BEHAVIORS[behavior]
         compare_methods.main(FLAGS + ["--behavior", behavior] + chosen_settings() + ["--sas-tau", str(SAS_TAU)]
                              + extra + ["--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")])
 
@@ -318,12 +322,13 @@ def main(argv=None):
     p.add_argument("what", choices=["model", "sae", "validate", "compare"],
                    help="the model folder; the SAE (and the model if missing); the steering settings (on validation "
                         "pairs); the five methods on every behaviour, with the chosen settings")
+    p.add_argument("behaviors", nargs="*", help="compare: only these behaviours, in this order (default: all)")
     opts = p.parse_args(argv)
     if opts.what == "validate":
         validate()
         return
     if opts.what == "compare":
-        compare_all()
+        compare_all(opts.behaviors)
         return
     folder = build_model() if opts.what == "model" else build_sae()
     print(f"ready: {folder}")
