@@ -137,12 +137,7 @@ def plot(runs, shapes, path):
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
     p.add_argument("--png", default=None, help="the plot (default: convergence.png next to --out)")
-    p.add_argument("--model", default=None, help="a real model's folder (with --sae, --layer): the local size alone")
-    p.add_argument("--sae", default=None, help="its SAE folder")
-    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads")
-    p.add_argument("--behavior", default=None, help="whose training pairs (default: the toy's)")
-    p.add_argument("--lr", type=float, default=None, help="the learning rate of both methods")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs")
+    common.add_local_model(p, overrides=True)
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     shapes = shapes | {k: getattr(opts, k) for k in ("behavior", "lr", "epochs") if getattr(opts, k) is not None}

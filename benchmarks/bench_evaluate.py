@@ -145,9 +145,7 @@ def largest_difference(a, b):
 
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
-    p.add_argument("--model", default=None, help="a local model folder (default: the --tiny toy)")
-    p.add_argument("--sae", default=None, help="its SAE folder (with --model); without one the vector is dense")
-    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads (with --model)")
+    common.add_local_model(p, needs_sae=False)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else LOCAL if opts.model else FULL

@@ -36,12 +36,7 @@ def scores_at(model, tok, sae, v, pairs, args):
 
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
-    p.add_argument("--model", default=None, help="a real model's folder (with --sae, --layer); default: the toy")
-    p.add_argument("--sae", default=None, help="its SAE folder")
-    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads")
-    p.add_argument("--behavior", default=None, help="whose pairs (default: the toy's)")
-    p.add_argument("--lr", type=float, default=None, help="the learning rate (default: yapo.py's, or --tiny's)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs")
+    common.add_local_model(p, overrides=True)
     p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (default: yapo.py's, or --tiny's)")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL

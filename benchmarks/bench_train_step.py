@@ -192,9 +192,7 @@ def summarise(runs):
 
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
-    p.add_argument("--model", default=None, help="a real model's folder (with --sae, --layer): its real shapes")
-    p.add_argument("--sae", default=None, help="its SAE folder")
-    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads")
+    common.add_local_model(p)
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     if opts.model:

@@ -34,9 +34,14 @@ TINY_NOTE = ("Toy model and SAE from yapo.tiny_setup (what yapo.py --tiny uses, 
 class _Parser(argparse.ArgumentParser):
     """Fills in --out after parsing, since its default depends on --quick."""
     stem = ""
+    needs_sae = True
 
     def parse_known_args(self, args=None, namespace=None):
         opts, rest = super().parse_known_args(args, namespace)
+        if getattr(opts, "model", None) and opts.layer is None:
+            self.error("--model needs --layer: the layer its SAE reads (10 for benchmarks/local/)")
+        if getattr(opts, "model", None) and self.needs_sae and opts.sae is None:
+            self.error("--model needs --sae: the SAE folder trained on it (benchmarks/local_gemma3.py sae)")
         if opts.out is None:
             opts.out = str((RESULTS / "quick" if opts.quick else RESULTS) / (self.stem + ".json"))
         return opts, rest
@@ -51,6 +56,19 @@ def parser(script_file, description, epilog=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke test, not a figure")
     p.add_argument("--out", default=None, help="the JSON (default: benchmarks/results/[quick/]<script>.json)")
     return p
+
+
+def add_local_model(p, needs_sae=True, overrides=False):
+    """--model, --sae, --layer: a local model folder and the SAE trained on it (benchmarks/local_gemma3.py) instead
+    of the toy; with `overrides`, also --behavior, --lr, --epochs over the script's own shapes."""
+    p.needs_sae = needs_sae
+    p.add_argument("--model", default=None, help="a local model folder, with --layer (default: the toy)")
+    p.add_argument("--sae", default=None, help="its SAE folder" + ("" if needs_sae else "; without one, v is dense"))
+    p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads and the hook steers")
+    if overrides:
+        p.add_argument("--behavior", default=None, help="whose pairs (default: the script's)")
+        p.add_argument("--lr", type=float, default=None, help="the learning rate (default: the script's)")
+        p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs (default: the script's)")
 
 
 # ---------------------------------------------------------------------------------------------- models and data

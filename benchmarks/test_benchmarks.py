@@ -120,6 +120,18 @@ def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
     assert {f.name.replace("_", "-") for f in yapo.fields(yapo.Args)} <= listed | set_by_the_script
 
 
+@pytest.mark.parametrize("script", ["bench_convergence", "bench_pruning", "bench_train_step"])
+def test_a_local_model_without_its_layer_or_sae_is_refused_before_any_work(script, capsys):
+    sys.path.insert(0, str(HERE))
+    main = __import__(script).main
+    with pytest.raises(SystemExit):
+        main(["--model", "some/folder", "--sae", "some/sae"])
+    assert "--model needs --layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "some/folder", "--layer", "10"])
+    assert "--model needs --sae" in capsys.readouterr().err
+
+
 def test_pruning_quick(background_run):
     data, _, _ = quick_result(background_run)
     has(data, ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"])
