@@ -1354,8 +1354,9 @@ def test_main_trains_and_evaluates_from_local_model_and_sae_folders(saved_tiny, 
                          "--out-dir", str(tmp_path), "--device", "cpu"])
     (run,) = tmp_path.iterdir()
     assert json.loads((run / "results.json").read_text())["eval"]["rows"] == results["eval"]["rows"]
-    meta_args = json.loads(safe_open(str(run / "vector.safetensors"), "pt").metadata()["args"])
-    assert meta_args["sae"] == str(saved_tiny / "sae")
+    meta = safe_open(str(run / "vector.safetensors"), "pt").metadata()
+    assert json.loads(meta["args"])["sae"] == meta["sae"] == str(saved_tiny / "sae")
+    assert json.loads(meta["args"])["sae_id"] == meta["sae_id"] == ""     # a folder: no release id was used
     assert results["latents"]["l0"] > 0
 
 

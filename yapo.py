@@ -1173,7 +1173,8 @@ def sae_fit(model, tok, sae, pairs, layer):
 
 def setup(args, pairs):
     """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other.
-    With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id."""
+    With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id; an SAE
+    folder holds one SAE, so args.sae_id becomes "" (the vector's metadata then names no id that was not used)."""
     device, dtype = pick_device_dtype(args.device, args.dtype)
     if args.tiny:
         args.layer = TINY_LAYER
@@ -1182,6 +1183,7 @@ def setup(args, pairs):
         args.model, args.sae, args.sae_id = "tiny-gemma2", "tiny-jumprelu", f"seed{args.seed}"
     else:
         model, tok = load_model(args.model, device, dtype)
+        args.sae_id = "" if Path(args.sae).is_dir() else args.sae_id
         sae = load_sae(args.sae, args.sae_id, device, dtype) if uses_sae(args.mode) else None
     sae = sae if uses_sae(args.mode) else None
     check_sae_fits_model(model, sae, args.layer)
