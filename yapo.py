@@ -5,11 +5,13 @@ One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-pr
 training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG
 Eq. 5) -> saving and export -> main. After main, the plumbing: file formats, models and SAEs, offline stand-ins.
 
-    python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~40 s
+    python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~30 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
     python yapo.py --preset cpu --behavior power_seeking     # Gemma-3-270m-it + Gemma Scope 2, on a laptop CPU
+    python yapo.py --model benchmarks/local/gemma-3-270m --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 \
+        --lam auto --lr 3e-3 --epochs 4 --warmup-steps 4    # pretrained Gemma 3 270M: benchmarks/local_gemma3.py
     python yapo.py --mode dense|caa|sas ...                  # the baselines: BiPO, CAA, SAS
     python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--export-gguf v.gguf]
 
