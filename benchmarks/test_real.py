@@ -5,8 +5,8 @@ benchmarks/local_gemma3.py trains on it. Never part of the default test command:
     python -m pytest -m real benchmarks/test_real.py
 
 The first run builds the model folder (about a minute) and the SAE (23 minutes on 2 idle cores); after that the
-tests took 29 minutes here, with other runs on the same 2 cores. Without the package every test here is skipped;
-the llama.cpp one also needs llama-cpp-python."""
+tests take 5 minutes on 2 idle cores. Without the package every test here is skipped; the llama.cpp one also needs
+llama-cpp-python."""
 
 import importlib.util
 import json
