@@ -311,9 +311,11 @@ def compare_all(behaviors=None):
     unknown = set(behaviors or []) - set(BEHAVIORS)
     if unknown:
         raise SystemExit(f"unknown behaviour(s) {sorted(unknown)}: choose from {list(BEHAVIORS)}")
+    os.chdir(common.ROOT)               # the JSON then names the folders as a clone has them, not this machine's path
+    flags = [os.path.relpath(f) if f.startswith(str(common.ROOT)) else f for f in FLAGS]
     for behavior in behaviors or BEHAVIORS:
         extra = BEHAVIORS[behavior]
-        compare_methods.main(FLAGS + ["--behavior", behavior] + chosen_settings() + ["--sas-tau", str(SAS_TAU)]
+        compare_methods.main(flags + ["--behavior", behavior] + chosen_settings() + ["--sas-tau", str(SAS_TAU)]
                              + extra + ["--out", str(common.RESULTS / "local" / f"compare_{behavior}.json")])
 
 
