@@ -46,6 +46,7 @@ BACKGROUND = {
         "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
         "--format", "mcq", "--multipliers", "-1", "1")(folder),
     "test_cli_bad_data_fails_before_loading_anything_with_file_and_line": lambda folder: bad_data_cli(folder),
+    "test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny": lambda folder: yapo_alone(folder),
 }
 
 def load(behavior="power_seeking", **kw):
@@ -785,7 +786,7 @@ def test_culture_metrics_match_hand_computed_rca_and_pnlg():
 def test_mcq_choice_is_the_label_with_the_highest_log_probability(tiny):
     model, tok, _ = tiny
     pairs = load("culture_egypt", format="mcq")[1][:4]
-    picks = yapo.mcq_choices(model, tok, pairs, yapo.Args())
+    picks = yapo.prompt_scores(model, tok, pairs, batch_size=4)[1]
     for p, pick in zip(pairs, picks):
         prompt = tok(yapo.chat_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
         scores = {}
@@ -804,7 +805,7 @@ def test_evaluation_reports_mcq_accuracy_rca_and_pnlg_per_country(tiny, args):
     result = yapo.evaluate(model, tok, sae, v, test, replace(args, multipliers=[1.0], n_generations=0))
     mcq = result["rows"][0]["mcq"]
     with torch.no_grad(), yapo.steering(model, LAYER, v, args.lam, sae):
-        picks = yapo.mcq_choices(model, tok, test, args)
+        picks = yapo.prompt_scores(model, tok, test, args.batch_size)[1]
     correct = [float(k == yapo.answer_label(p["chosen"])) for p, k in zip(test, picks)]
     assert mcq["accuracy"] == pytest.approx(sum(correct) / len(correct))
     assert set(mcq["per_country"]) == {"egypt", "lebanon"}
@@ -1483,6 +1484,18 @@ def bad_data_cli(folder):
 def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(background_run):
     code, _, stderr, folder = background_run
     assert code != 0 and f"{folder / 'bad.jsonl'}:2: missing or empty field 'chosen'" in stderr
+    assert "Traceback" not in stderr and not (folder / "runs").exists()
+
+
+def yapo_alone(folder):
+    """`python yapo.py --tiny` on a copy of yapo.py alone in an empty folder, as a course would copy it."""
+    (folder / "yapo.py").write_text((ROOT / "yapo.py").read_text())
+    return [sys.executable, str(folder / "yapo.py"), "--tiny", "--data", str(DATA)]
+
+
+def test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny(background_run):
+    code, _, stderr, folder = background_run
+    assert code != 0 and "error: --tiny builds its toy with offline.py: put it next to yapo.py" in stderr
     assert "Traceback" not in stderr and not (folder / "runs").exists()
 
 

@@ -3,7 +3,7 @@ YaPO: steering vectors learned from preference pairs in the latent space of a sp
 
 One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-probs -> the loss (Eq. 4) ->
 training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG
-Eq. 5) -> saving and export -> main. After main, the plumbing: file formats, models and SAEs, offline stand-ins.
+Eq. 5) -> saving and export -> main. After main, the plumbing: data files, models and SAEs, the offline toy.
 
     python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~30 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
@@ -53,8 +53,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
-from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens import SAE
 
 FORMAT_VERSION = "yapo-vector/1"
 
@@ -124,78 +123,13 @@ class Args:
     dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto: bf16 on GPUs with native bf16, else float32")
 
     def __post_init__(self):
-        for f in fields(self):
-            kind = get_type_hints(Args)[f.name]
-            if get_origin(kind) is Literal and getattr(self, f.name) not in get_args(kind):
-                raise ValueError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} "
-                                 f"is not one of {list(get_args(kind))}")
-        if self.lam != "auto":
-            try:
-                self.lam = float(self.lam)
-            except ValueError:
-                raise ValueError(f"--lam {self.lam!r}: give a number or auto") from None
-        if self.mode in ("caa", "sas") and self.lam != 1.0:   # parse_args gives them lam 1 by default
-            raise ValueError(f"--lam {self.lam} with --mode {self.mode}: {self.mode.upper()} is a mean difference, "
-                             f"already in the units of h (or of the latents), so lam is 1; scale it with --multipliers")
+        check_args(self)                           # below main: the valid choices and --lam
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward, y_l the side -v does.
-
-def load_pairs(args, need_train=True):
-    """Pairs of one behaviour as (train, test) lists of dicts, filtered by --format, --country, --localization.
-    A pair: {prompt: x, chosen: y_w, rejected: y_l (None: sample it), split: train|test|None, format: mcq|open,
-    country, localized: True|False|None, group: both forms of one question, where: file:line}. read_rows and
-    normalize_row (after main) turn JSON lines, CSV, `datasets` data and other column names into this.
-    Rows without a `behavior` field belong to every behaviour (BiPO's files hold one behaviour each).
-    Rows without a `split` field are split at random by `group`, the same way for the same seed, so the
-    localized and non-localized forms of one question never end up on both sides."""
-    pairs, seen = [], defaultdict(set)
-    for where, row in read_rows(args.data):
-        if row.get("behavior", args.behavior) != args.behavior:
-            seen["behavior"].add(row["behavior"])
-            continue
-        p = normalize_row(row, where, args)
-        for key in ("format", "country", "localized"):
-            seen[key].add(str(p[key]))
-        if (args.format in ("any", p["format"]) and args.country.lower() in ("", p["country"])
-                and args.localization in ("both", "localized" if p["localized"] else "nolocalized")):
-            pairs.append(p)
-    if not pairs:
-        found = "; ".join(f"{k} {sorted(seen[k])}" for k in ("format", "country", "localized") if seen[k])
-        raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
-                         f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
-                         f"{sorted(seen['behavior']) or 'none'}"
-                         + (f"; {args.behavior} rows have {found}" if found else ""))
-    units = defaultdict(list)                   # what the split moves as one: a question's group, or one row
-    for p in pairs:
-        units[p["group"] or p["where"]].append(p)
-    unassigned = []
-    for name, members in units.items():
-        forms, splits = {p["localized"] for p in members}, {p["split"] for p in members} - {None}
-        if args.localization == "both" and members[0]["group"] and None not in forms and len(forms) == 1:
-            raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
-                             f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
-                             f"or keep one form with --localization")
-        if len(splits) > 1:
-            raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
-                             f"give all of its rows the same split")
-        for p in members:
-            p["split"] = next(iter(splits), None)
-        if not splits:
-            unassigned.append(members)
-    random.Random(args.seed).shuffle(unassigned)
-    n_test = round(len(unassigned) * args.test_fraction)
-    for i, members in enumerate(unassigned):
-        for p in members:
-            p["split"] = "test" if i < n_test else "train"
-    train = [p for p in pairs if p["split"] == "train"]
-    test = [p for p in pairs if p["split"] == "test"]
-    if need_train and not train:
-        raise ValueError(f"{args.data}: {len(pairs)} pairs for {args.behavior!r} but none for training; "
-                         f"lower --test-fraction or mark some rows split='train'")
-    return train, test
-
+# load_pairs (after main) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become
+# token ids, with x and each answer tokenized apart so that log p(y|x) sums exactly the answer's tokens.
 
 def chat_prompt(tok, prompt):
     """The prompt as the chat model sees it: one user turn, then the start of the model's turn.
@@ -569,12 +503,6 @@ def drift_kl(steered_logp, base_logp):
     return (steered_logp.exp() * (steered_logp - base_logp)).sum(-1)
 
 
-def mcq_choices(model, tok, pairs, args):
-    """The option each MCQ pair's model picks: the label (written as its chosen answer writes it, e.g. '(B)')
-    with the highest log-probability right after the prompt. Cheap and deterministic."""
-    return prompt_scores(model, tok, pairs, args.batch_size)[1]
-
-
 # Open-ended rows are scored by a judge model on their greedy answers (generations.jsonl). The paper's judge prompt
 # is not reproduced; this one is in its spirit. Its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
 JUDGE_TEMPLATE = """You are grading an answer for cultural fit to {country}. Question: {prompt}
@@ -727,9 +655,9 @@ def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
     for j, latent in enumerate(latents):
         out[latent], seen = [], set()
         for row in acts[:, j].argsort(descending=True).tolist():
-            context = show(seqs[where[row][0]], where[row][1])
             if acts[row, j] <= 0 or len(out[latent]) == n:
                 break
+            context = show(seqs[where[row][0]], where[row][1])
             if context not in seen:                               # x appears in both x + y_w and x + y_l
                 seen.add(context)
                 out[latent].append({"activation": acts[row, j].item(), "context": context})
@@ -958,8 +886,82 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: the file formats pairs arrive in, and the real models and SAEs (hub ids or local folders).
-# Data formats: JSON lines, CSV, `datasets` folders and hub ids; BiPO's and the authors' column names.
+# Plumbing: checking the flags, the file formats pairs arrive in, and the real models and SAEs (hub ids or
+# local folders). Data: one behaviour's pairs, split by group; JSON lines, CSV, `datasets` folders and hub ids;
+# BiPO's and the authors' column names.
+
+def check_args(args):
+    """Refuse a flag value outside its choices, a --lam that is neither a number nor auto, and CAA or SAS at a
+    lam other than 1. Turns --lam into a float."""
+    for f in fields(args):
+        kind = get_type_hints(Args)[f.name]
+        if get_origin(kind) is Literal and getattr(args, f.name) not in get_args(kind):
+            raise ValueError(f"--{f.name.replace('_', '-')} {getattr(args, f.name)!r} "
+                             f"is not one of {list(get_args(kind))}")
+    if args.lam != "auto":
+        try:
+            args.lam = float(args.lam)
+        except ValueError:
+            raise ValueError(f"--lam {args.lam!r}: give a number or auto") from None
+    if args.mode in ("caa", "sas") and args.lam != 1.0:   # parse_args gives them lam 1 by default
+        raise ValueError(f"--lam {args.lam} with --mode {args.mode}: {args.mode.upper()} is a mean difference, "
+                         f"already in the units of h (or of the latents), so lam is 1; scale it with --multipliers")
+
+
+def load_pairs(args, need_train=True):
+    """Pairs of one behaviour as (train, test) lists of dicts, filtered by --format, --country, --localization.
+    A pair: {prompt: x, chosen: y_w, rejected: y_l (None: sample it), split: train|test|None, format: mcq|open,
+    country, localized: True|False|None, group: both forms of one question, where: file:line}. read_rows and
+    normalize_row (below) turn JSON lines, CSV, `datasets` data and other column names into this.
+    Rows without a `behavior` field belong to every behaviour (BiPO's files hold one behaviour each).
+    Rows without a `split` field are split at random by `group`, the same way for the same seed, so the
+    localized and non-localized forms of one question never end up on both sides."""
+    pairs, seen = [], defaultdict(set)
+    for where, row in read_rows(args.data):
+        if row.get("behavior", args.behavior) != args.behavior:
+            seen["behavior"].add(row["behavior"])
+            continue
+        p = normalize_row(row, where, args)
+        for key in ("format", "country", "localized"):
+            seen[key].add(str(p[key]))
+        if (args.format in ("any", p["format"]) and args.country.lower() in ("", p["country"])
+                and args.localization in ("both", "localized" if p["localized"] else "nolocalized")):
+            pairs.append(p)
+    if not pairs:
+        found = "; ".join(f"{k} {sorted(seen[k])}" for k in ("format", "country", "localized") if seen[k])
+        raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
+                         f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
+                         f"{sorted(seen['behavior']) or 'none'}"
+                         + (f"; {args.behavior} rows have {found}" if found else ""))
+    units = defaultdict(list)                   # what the split moves as one: a question's group, or one row
+    for p in pairs:
+        units[p["group"] or p["where"]].append(p)
+    unassigned = []
+    for name, members in units.items():
+        forms, splits = {p["localized"] for p in members}, {p["split"] for p in members} - {None}
+        if args.localization == "both" and members[0]["group"] and None not in forms and len(forms) == 1:
+            raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
+                             f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
+                             f"or keep one form with --localization")
+        if len(splits) > 1:
+            raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
+                             f"give all of its rows the same split")
+        for p in members:
+            p["split"] = next(iter(splits), None)
+        if not splits:
+            unassigned.append(members)
+    random.Random(args.seed).shuffle(unassigned)
+    n_test = round(len(unassigned) * args.test_fraction)
+    for i, members in enumerate(unassigned):
+        for p in members:
+            p["split"] = "test" if i < n_test else "train"
+    train = [p for p in pairs if p["split"] == "train"]
+    test = [p for p in pairs if p["split"] == "test"]
+    if need_train and not train:
+        raise ValueError(f"{args.data}: {len(pairs)} pairs for {args.behavior!r} but none for training; "
+                         f"lower --test-fraction or mark some rows split='train'")
+    return train, test
+
 
 ALIASES = {  # BiPO / CAA column names -> ours
     "question": "prompt",
@@ -1193,117 +1195,20 @@ def setup(args, pairs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Offline stand-ins, NOT part of the method: a tiny Gemma-2, a tokenizer and an SAE built here so that
-# --tiny, the tests and the notebook run without a hub. They replace Gemma-2-2B and Gemma Scope.
+# The offline toy, NOT part of the method: a tiny Gemma-2, its tokenizer and an SAE trained here in seconds
+# (offline.py) replace Gemma-2-2B and Gemma Scope, so that --tiny, the tests and the notebook need no hub.
 
 TINY_LAYER = 2
-
-
-GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py sends one user turn)
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' "
-    "+ m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-
-
-def tiny_tokenizer(texts):
-    """A byte-level BPE tokenizer trained on `texts`, with a Gemma-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
-                                  bos_token="<bos>", unk_token="<unk>",
-                                  additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
-    tok.chat_template = GEMMA_CHAT_TEMPLATE
-    return tok
-
-
-def tiny_model(tok, seed):
-    """A random Gemma-2 with 4 layers and d_model 64: small enough to train on a CPU in seconds."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-    torch.manual_seed(seed)
-    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                          sliding_window=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, attn_implementation="eager",
-                          attn_logit_softcapping=None)    # the head keeps Gemma-2's final soft-capping
-    return Gemma2ForCausalLM(config)
-
-
-def train_tiny_lm(model, seqs, pad_id, tokens=256_000, lr=2e-2, batch_size=16, seed=0):
-    """Plain next-token training on a budget of about `tokens` tokens, whatever the texts' length (seconds on a
-    CPU): enough for the toy's grammar and its one property, short of memorising the items."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    pick = random.Random(seed)
-    for _ in range(max(1, round(tokens * len(seqs) / (batch_size * sum(map(len, seqs)))))):
-        batch = collate([([], s) for s in pick.sample(seqs, min(batch_size, len(seqs)))], pad_id, "cpu")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-def train_sae(h, layer, d_sae, k, steps, lr=2e-3, batch_size=512, seed=0, model_name="tiny-gemma2"):
-    """A TopK SAE (Gao et al. 2024) trained on activations h [N, d_in]: each token keeps its k largest latents;
-    the loss is the squared error plus AuxK (latents dead for 100 steps learn, at 1/32 weight, to explain what
-    the live ones miss). Returned as a sae-lens JumpReLUSAE with unit-norm decoder rows: each latent's threshold
-    makes it fire as often as under TopK, so the SAE acts latent by latent (what --top-k pruning needs), L0 ~ k."""
-    g = torch.Generator().manual_seed(seed)
-    scale = h.norm(dim=-1).mean()                  # train on h / scale: lr and init do not depend on ||h||
-    x_all, d_in = h / scale, h.shape[1]
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
-    W_enc = W_dec.detach().T.clone().requires_grad_()    # tied at the start: each latent reads its own direction
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = x_all.mean(0).clone().requires_grad_()
-    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 5 * (1 - t / steps)))   # decay over the end
-    idle = torch.zeros(d_sae)                      # steps since each latent last fired
-    topk = lambda pre, n: torch.zeros_like(pre).scatter(-1, *pre.topk(n, dim=-1)[::-1]).relu()
-    for _ in range(steps):
-        x = x_all[torch.randint(len(x_all), (batch_size,), generator=g)]
-        pre = (x - b_dec) @ W_enc + b_enc          # sae-lens subtracts b_dec before encoding too
-        z = topk(pre, k)
-        error = x - (z @ W_dec + b_dec)
-        loss = error.pow(2).sum(-1).mean()
-        dead = idle > 100
-        if dead.any():
-            z_aux = topk(pre.masked_fill(~dead, -torch.inf), min(int(dead.sum()), d_in // 2))
-            loss = loss + (error.detach() - z_aux @ W_dec).pow(2).sum(-1).mean() / 32
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            W_dec /= W_dec.norm(dim=1, keepdim=True)
-            idle = (idle + 1) * (z == 0).all(0)
-    with torch.no_grad():                          # back to raw units: pre-activations scale with h
-        pre = torch.cat([(x - b_dec) @ W_enc + b_enc for x in x_all[:16384].split(4096)]) * scale   # [n, d_sae]
-        fires = torch.cat([topk(p, k) > 0 for p in pre.split(4096)]).sum(0)              # tokens per latent
-        ranked = pre.sort(dim=0).values
-        threshold = ranked[(len(pre) - fires).clamp(max=len(pre) - 1), torch.arange(d_sae)]   # fires ~fires times
-        threshold = torch.where(fires > 0, threshold, ranked[-1] + 1).clamp(min=0)      # never fired: stays off
-        state = {"W_dec": W_dec, "W_enc": W_enc, "b_enc": b_enc * scale, "b_dec": b_dec * scale,
-                 "threshold": threshold}
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
-        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)))
-    sae.load_state_dict({name: t.detach().contiguous() for name, t in state.items()})
-    return sae
 
 
 def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000):
     """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template),
     its tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer`.
     Pass the training pairs only: held-out pairs must never enter."""
+    try:                                           # only here: yapo.py runs every real model without it
+        from offline import tiny_model, tiny_tokenizer, train_sae, train_tiny_lm
+    except ImportError:
+        raise ValueError("--tiny builds its toy with offline.py: put it next to yapo.py") from None
     tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t])
     model = tiny_model(tok, seed)
     seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop

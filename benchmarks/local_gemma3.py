@@ -15,7 +15,7 @@ the pretrained model: it has never been tuned to chat, so its answers read like 
 
 The SAE reads the residual stream after decoder layer 10 of 18 (blocks.10.hook_resid_post): the paper steers at
 about 60 % of the depth (layer 15 of Gemma-2-2B's 26), and 10 is the block closest to that here. The layer is
-fixed by that rule, not tuned. It is a TopK SAE (yapo.train_sae) with 4,096 latents, trained on the activations
+fixed by that rule, not tuned. It is a TopK SAE (offline.train_sae) with 4,096 latents, trained on the activations
 of three kinds of text, <bos> left out: the training split (seed 0) of every behaviour in data_sample.jsonl, each
 pair's x + y_w and x + y_l through the chat template (never a held-out pair); Python's reference documentation
 (pydoc_data.topics, shipped with every Python); and the model's own samples from <bos> alone (seeded,
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import common  # first: puts the repository root on sys.path and silences progress bars
 
+import offline  # noqa: E402
 import torch  # noqa: E402
 import yapo  # noqa: E402
 
@@ -59,7 +60,7 @@ def build_model(folder=MODEL_DIR):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = assemble()                                    # joins the chunk packages; checks the sha256
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.chat_template = yapo.GEMMA_CHAT_TEMPLATE
+    tok.chat_template = offline.GEMMA_CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.config.quantization_config = None              # what is saved is an ordinary float model
     model.hf_quantizer = None
@@ -190,7 +191,7 @@ def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
     tokens = {name: sum(map(len, seqs)) - len(seqs) for name, seqs in sources.items()}   # <bos> left out
     h = activations(model, train_seqs, LAYER, tok.pad_token_id)
     print(f"{len(h)} training tokens ({tokens}), {time.perf_counter() - t0:.0f} s so far", flush=True)
-    sae = yapo.train_sae(h, LAYER, settings["d_sae"], settings["k"], settings["steps"], lr=settings["lr"],
+    sae = offline.train_sae(h, LAYER, settings["d_sae"], settings["k"], settings["steps"], lr=settings["lr"],
                          batch_size=settings["batch_size"], seed=settings["seed"], model_name="gemma-3-270m (local)")
     train_s = time.perf_counter() - t0
     held = activations(model, held_out, LAYER, tok.pad_token_id)

@@ -1,0 +1,113 @@
+"""Offline stand-ins for the hub, NOT part of the method: what `python yapo.py --tiny`, the tests and the
+notebook's tiny configuration build instead of downloading Gemma-2-2B and Gemma Scope, and the SAE trainer that
+benchmarks/local_gemma3.py uses for the local Gemma 3 270M. yapo.tiny_setup puts them together; yapo.py imports
+this file only then, so yapo.py alone still runs every real model."""
+
+import random
+
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+
+GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py sends one user turn)
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' "
+    "+ m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def tiny_tokenizer(texts):
+    """A byte-level BPE tokenizer trained on `texts`, with a Gemma-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
+                                  bos_token="<bos>", unk_token="<unk>",
+                                  additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(tok, seed):
+    """A random Gemma-2 with 4 layers and d_model 64: small enough to train on a CPU in seconds."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                          sliding_window=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, attn_implementation="eager",
+                          attn_logit_softcapping=None)    # the head keeps Gemma-2's final soft-capping
+    return Gemma2ForCausalLM(config)
+
+
+def train_tiny_lm(model, seqs, pad_id, tokens=256_000, lr=2e-2, batch_size=16, seed=0):
+    """Plain next-token training on a budget of about `tokens` tokens, whatever the texts' length (seconds on a
+    CPU): enough for the toy's grammar and its one property, short of memorising the items."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    pick = random.Random(seed)
+    for _ in range(max(1, round(tokens * len(seqs) / (batch_size * sum(map(len, seqs)))))):
+        batch = pick.sample(seqs, min(batch_size, len(seqs)))
+        T = max(map(len, batch))                                  # right-padded, as yapo.collate pads
+        ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in batch])
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def train_sae(h, layer, d_sae, k, steps, lr=2e-3, batch_size=512, seed=0, model_name="tiny-gemma2"):
+    """A TopK SAE (Gao et al. 2024) trained on activations h [N, d_in]: each token keeps its k largest latents;
+    the loss is the squared error plus AuxK (latents dead for 100 steps learn, at 1/32 weight, to explain what
+    the live ones miss). Returned as a sae-lens JumpReLUSAE with unit-norm decoder rows: each latent's threshold
+    makes it fire as often as under TopK, so the SAE acts latent by latent (what --top-k pruning needs), L0 ~ k."""
+    g = torch.Generator().manual_seed(seed)
+    scale = h.norm(dim=-1).mean()                  # train on h / scale: lr and init do not depend on ||h||
+    x_all, d_in = h / scale, h.shape[1]
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
+    W_enc = W_dec.detach().T.clone().requires_grad_()    # tied at the start: each latent reads its own direction
+    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_dec = x_all.mean(0).clone().requires_grad_()
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 5 * (1 - t / steps)))   # decay over the end
+    idle = torch.zeros(d_sae)                      # steps since each latent last fired
+    topk = lambda pre, n: torch.zeros_like(pre).scatter(-1, *pre.topk(n, dim=-1)[::-1]).relu()
+    for _ in range(steps):
+        x = x_all[torch.randint(len(x_all), (batch_size,), generator=g)]
+        pre = (x - b_dec) @ W_enc + b_enc          # sae-lens subtracts b_dec before encoding too
+        z = topk(pre, k)
+        error = x - (z @ W_dec + b_dec)
+        loss = error.pow(2).sum(-1).mean()
+        dead = idle > 100
+        if dead.any():
+            z_aux = topk(pre.masked_fill(~dead, -torch.inf), min(int(dead.sum()), d_in // 2))
+            loss = loss + (error.detach() - z_aux @ W_dec).pow(2).sum(-1).mean() / 32
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            idle = (idle + 1) * (z == 0).all(0)
+    with torch.no_grad():                          # back to raw units: pre-activations scale with h
+        pre = torch.cat([(x - b_dec) @ W_enc + b_enc for x in x_all[:16384].split(4096)]) * scale   # [n, d_sae]
+        fires = torch.cat([topk(p, k) > 0 for p in pre.split(4096)]).sum(0)              # tokens per latent
+        ranked = pre.sort(dim=0).values
+        threshold = ranked[(len(pre) - fires).clamp(max=len(pre) - 1), torch.arange(d_sae)]   # fires ~fires times
+        threshold = torch.where(fires > 0, threshold, ranked[-1] + 1).clamp(min=0)      # never fired: stays off
+        state = {"W_dec": W_dec, "W_enc": W_enc, "b_enc": b_enc * scale, "b_dec": b_dec * scale,
+                 "threshold": threshold}
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
+        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)))
+    sae.load_state_dict({name: t.detach().contiguous() for name, t in state.items()})
+    return sae
