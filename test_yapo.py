@@ -913,21 +913,46 @@ def test_sample_culture_data_has_both_forms_and_implicit_cues_only():
                 assert len(yapo.option_labels(r["prompt"])) == 4
 
 
-def test_split_is_deterministic_disjoint_and_sized_by_test_fraction():
-    train, test = load("hallucination", test_fraction=0.25, seed=3)
-    again = load("hallucination", test_fraction=0.25, seed=3)
-    other = load("hallucination", test_fraction=0.25, seed=4)
+def without_split(tmp_path, behavior):
+    """The sample rows of one behaviour with their `split` field removed: what a random split then does."""
+    rows = [{k: v for k, v in r.items() if k != "split"}
+            for _, r in yapo.read_rows(str(DATA)) if r["behavior"] == behavior]
+    return write_jsonl(tmp_path / f"{behavior}.jsonl", rows)
+
+
+def test_split_is_deterministic_disjoint_and_sized_by_test_fraction(tmp_path):
+    path = without_split(tmp_path, "hallucination")
+    train, test = pairs_from(path, "hallucination", test_fraction=0.25, seed=3)
+    again = pairs_from(path, "hallucination", test_fraction=0.25, seed=3)
+    other = pairs_from(path, "hallucination", test_fraction=0.25, seed=4)
     assert (train, test) == again
     assert [p["prompt"] for p in test] != [p["prompt"] for p in other[1]]
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
     assert len(test) == round(0.25 * (len(train) + len(test)))
 
 
-def test_both_forms_of_a_question_land_on_the_same_side_of_the_split():
+def test_both_forms_of_a_question_land_on_the_same_side_of_the_split(tmp_path):
+    path = without_split(tmp_path, "culture_morocco")
     for seed in range(5):
-        train, test = load("culture_morocco", seed=seed)
+        train, test = pairs_from(path, "culture_morocco", seed=seed, test_fraction=0.2)
         assert not {p["group"] for p in train} & {p["group"] for p in test}
         assert test and train
+
+
+def test_the_sample_holds_out_its_own_topics_with_at_least_40_pairs_per_behavior():
+    """Every behaviour but the toy's holds out >= 40 pairs (culture: >= 20 MCQ groups in both forms), and no
+    held-out prompt shares a question with a training one."""
+    for behavior in ("power_seeking", "wealth_seeking", "hallucination", "jailbreak", "sentiment",
+                     "culture_morocco", "culture_egypt", "culture_lebanon"):
+        train, test = load(behavior)
+        assert len(test) >= 40, behavior
+        assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+        if behavior.startswith("culture"):
+            groups = {p["group"] for p in test if p["format"] == "mcq"}
+            assert len(groups) >= 20 and not groups & {p["group"] for p in train}
+        else:                                      # A/B items: the chosen label balanced between A and B
+            labels = [yapo.answer_label(p["chosen"]) for p in test if p["format"] == "mcq"]
+            assert abs(labels.count("A") - labels.count("B")) <= 2, behavior
 
 
 def test_split_field_is_respected(tmp_path):
