@@ -3,6 +3,8 @@ notebook's tiny configuration build instead of downloading Gemma-2-2B and Gemma 
 benchmarks/local_gemma3.py uses for the local Gemma 3 270M. yapo.tiny_setup puts them together; yapo.py imports
 this file only then, so yapo.py alone still runs every real model."""
 
+import os
+import platform
 import random
 
 import torch
@@ -16,6 +18,20 @@ GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py se
     "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' "
     "+ m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def pin_cpu_arithmetic():
+    """One thread and one set of x86 kernels, so that the toy is the same on every x86-64 CPU. The toy is trained
+    from scratch: a rounding difference anywhere (another thread split of a sum, AVX-512 instead of AVX2 kernels)
+    grows through training into another model, SAE and vector, and another table. torch reads ATEN_CPU_CAPABILITY
+    at its first CPU kernel and MKL reads MKL_CBWR at its first call, so this must run before either; AVX2 is the
+    widest set every x86-64 CPU of the last decade has. Returns False where the pin could not take effect."""
+    torch.set_num_threads(1)                      # the toy's matrices gain nothing from more threads anyway
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    os.environ.setdefault("MKL_CBWR", "AVX2")
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def tiny_tokenizer(texts):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import statistics
 import string
 import sys
 from dataclasses import replace
@@ -702,11 +703,37 @@ def test_evaluation_scores_match_an_independent_computation(tiny, pairs, trained
     assert result["rows"][1]["drift_kl"] > 1e-4
 
 
+def test_each_mean_carries_a_95_percent_interval_of_1_96_standard_errors_over_pairs(tiny, pairs, trained):
+    model, tok, sae = tiny
+    test = pairs[1][:6]
+    row = yapo.evaluate(model, tok, sae, trained["v"], test, replace(trained["args"], multipliers=[1.0],
+                                                                      n_generations=0))["rows"][0]
+    with yapo.steering(model, LAYER, trained["v"], trained["args"].lam, sae):    # per-pair margins, independently
+        w, l = yapo.pair_logprobs(model, [yapo.tokenize_pair(tok, p) for p in test], 2, tok.pad_token_id)
+    margins = (w - l).tolist()
+    assert row["per_pair"]["margin"] == pytest.approx(margins, abs=1e-4)
+    sem = lambda xs: 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
+    for name, values in (("margin", margins), ("behavior_score", [1 / (1 + math.exp(-x)) for x in margins]),
+                         ("accuracy", [float(x > 0) for x in margins])):
+        assert row[name] == pytest.approx(statistics.fmean(values), abs=1e-5)
+        assert row[name + "_ci95"] == pytest.approx(sem(values), abs=1e-5)
+    assert row["n"] == 6 and row["margin_ci95"] > 0
+
+
+def test_mcq_accuracy_interval_and_per_row_correctness_come_from_the_picks():
+    pairs = [{"prompt": "q\n(A) a\n(B) b", "chosen": "(A) a", "localized": None, "country": "", "group": None}] * 4
+    out = yapo.mcq_metrics(pairs, ["A", "A", "B", None], yapo.Args())
+    assert out["correct"] == [1.0, 1.0, 0.0, 0.0] and out["accuracy"] == 0.5
+    assert out["accuracy_ci95"] == pytest.approx(1.96 * statistics.stdev([1, 1, 0, 0]) / 2)
+
+
 def test_mcq_accuracy_follows_the_steered_model_at_each_multiplier(tiny, args):
     """The paper's headline metric, under steering: each multiplier's picks are those of the steered model,
     computed the plain way (one full sequence per option), and they change with m."""
     model, tok, _ = tiny
     test = load("culture_egypt", format="mcq")[1]
+    gold = lambda p: yapo.answer_label(p["chosen"])
+    test = [p for p in test if gold(p) == "B"][:4] + [p for p in test if gold(p) == "A"][:2]   # B moves accuracy
     embed = model.get_input_embeddings().weight.detach()
     v = embed[tok.convert_tokens_to_ids("B")] - embed[tok.convert_tokens_to_ids("A")]   # toward label B, away from A
     v = 20 * v / v.norm()

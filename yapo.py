@@ -498,6 +498,13 @@ def prompt_scores(model, tok, pairs, batch_size, mcq=True):
     return torch.cat(next_logp), picks
 
 
+def mean_interval(values):
+    """The mean of per-pair values and the half-width of its 95 % interval, 1.96 standard errors (the sample
+    standard deviation / sqrt(n)): held-out sets are small, and a difference inside it may be noise."""
+    x = torch.as_tensor(values, dtype=torch.float64)
+    return x.mean().item(), (1.96 * x.std().item() / math.sqrt(len(x)) if len(x) > 1 else 0.0)
+
+
 def drift_kl(steered_logp, base_logp):
     """KL(steered || unsteered) per row of two [n, V] log-distributions: what steering costs elsewhere."""
     return (steered_logp.exp() * (steered_logp - base_logp)).sum(-1)
@@ -519,8 +526,8 @@ def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
       RCA  (Eq. 6) = mean over groups of the harmonic mean 2 p_loc p_non / (p_loc + p_non)
       PNLG (Eq. 5) = mean over groups of (p_loc - p_non) / (p_bar ** alpha + eps)"""
     mean = lambda xs: sum(xs) / len(xs) if xs else None
-    out = {"accuracy": mean(correct), "n": len(correct),
-           "accuracy_localized": mean([c for p, c in zip(pairs, correct) if p["localized"] is True]),
+    out = {"accuracy": mean(correct), "accuracy_ci95": mean_interval(correct)[1] if correct else None,
+           "n": len(correct), "accuracy_localized": mean([c for p, c in zip(pairs, correct) if p["localized"] is True]),
            "accuracy_nonlocalized": mean([c for p, c in zip(pairs, correct) if p["localized"] is False])}
     forms = defaultdict(lambda: {True: [], False: []})
     for p, c in zip(pairs, correct):
@@ -537,7 +544,7 @@ def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
 def mcq_metrics(pairs, picks, args):
     """culture_metrics for all MCQ pairs, and per country where pairs have one."""
     correct = [float(k == answer_label(p["chosen"])) for p, k in zip(pairs, picks)]
-    out = culture_metrics(pairs, correct, args.pnlg_alpha)
+    out = culture_metrics(pairs, correct, args.pnlg_alpha) | {"correct": correct}    # per row: paired comparisons
     countries = sorted({p["country"] for p in pairs} - {""})
     if countries:
         out["per_country"] = {c: culture_metrics([p for p in pairs if p["country"] == c],
@@ -552,7 +559,8 @@ def evaluate(model, tok, sae, v, pairs, args):
     pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x) in nats; drift = mean
     KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ pairs the paper's
     metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and, unless that is 0,
-    for every open-ended pair with a country.
+    for every open-ended pair with a country. Each mean comes with the half-width of its 95 % interval over the
+    pairs (<name>_ci95), and the per-pair margins are kept, so that methods can be compared pair by pair.
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
@@ -565,10 +573,12 @@ def evaluate(model, tok, sae, v, pairs, args):
         with steering(model, args.layer, v, m * args.lam, sae):
             logp_w, logp_l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
             next_logp, picks = prompt_scores(model, tok, pairs, args.batch_size)   # drift and MCQ: one forward
-            row = {"multiplier": m, "behavior_score": torch.sigmoid(logp_w - logp_l).mean().item(),
-                   "accuracy": (logp_w > logp_l).float().mean().item(),
-                   "margin": (logp_w - logp_l).mean().item(),     # nats; moves even where sigma saturates
-                   "drift_kl": drift_kl(next_logp, base_next).mean().item()}
+            margin = (logp_w - logp_l).double()                  # [n] nats; moves even where sigma saturates
+            row = {"multiplier": m, "n": len(pairs), "drift_kl": drift_kl(next_logp, base_next).mean().item(),
+                   "per_pair": {"margin": margin.tolist()}}      # what paired comparisons of methods read
+            for name, values in (("behavior_score", torch.sigmoid(margin)), ("accuracy", (margin > 0).double()),
+                                 ("margin", margin)):
+                row[name], row[name + "_ci95"] = mean_interval(values)
             if mcq:
                 row["mcq"] = mcq_metrics(mcq, [k for p, k in zip(pairs, picks) if p["format"] == "mcq"], args)
             if mcq and args.mcq_generate:                       # None: an answer that names no option
@@ -582,16 +592,21 @@ def evaluate(model, tok, sae, v, pairs, args):
 
 
 def print_table(rows):
+    """The evaluation rows; +- is the 95 % interval over the held-out pairs (mean_interval)."""
     mcq = any("mcq" in r for r in rows)
-    print(f"{'multiplier':>10} {'behavior':>9} {'accuracy':>9} {'drift KL':>9} {'margin':>8}"
-          + (f" {'MCQ acc':>8} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7}" if mcq else ""))
+    print(f"n = {rows[0]['n']} held-out pairs" + (f", {rows[0]['mcq']['n']} MCQ rows" if mcq else "")
+          + "; +- is a 95 % interval over pairs")
+    print(f"{'multiplier':>10} {'behavior':>13} {'accuracy':>13} {'drift KL':>9} {'margin':>12}"
+          + (f" {'MCQ acc':>13} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7}" if mcq else ""))
     fmt = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
+    pm = lambda x, ci, p: f"{x:.{p}f}+-{ci:.{p}f}"
     for r in rows:
-        line = (f"{r['multiplier']:>10.2f} {r['behavior_score']:>9.3f} {r['accuracy']:>9.3f} {r['drift_kl']:>9.4f} "
-                f"{r['margin']:>8.2f}")
+        line = (f"{r['multiplier']:>10.2f} {pm(r['behavior_score'], r['behavior_score_ci95'], 3):>13} "
+                f"{pm(r['accuracy'], r['accuracy_ci95'], 3):>13} {r['drift_kl']:>9.4f} "
+                f"{pm(r['margin'], r['margin_ci95'], 2):>12}")
         if "mcq" in r:
             q = r["mcq"]
-            line += (f" {fmt(q['accuracy'], 8, 3)} {fmt(q['accuracy_localized'], 6, 3)} "
+            line += (f" {pm(q['accuracy'], q['accuracy_ci95'], 3):>13} {fmt(q['accuracy_localized'], 6, 3)} "
                      f"{fmt(q['accuracy_nonlocalized'], 7, 3)} {fmt(q.get('rca'), 6, 3)} {fmt(q.get('pnlg'), 7, 3)}")
         print(line)
 
@@ -804,8 +819,6 @@ def build_vector(model, tok, sae, train_pairs, args, save_to):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.tiny:
-        torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy CPU
     train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)
     if args.eval_only and not args.vector:
         raise ValueError("--eval-only needs --vector PATH")
@@ -1206,9 +1219,12 @@ def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_
     its tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer`.
     Pass the training pairs only: held-out pairs must never enter."""
     try:                                           # only here: yapo.py runs every real model without it
-        from offline import tiny_model, tiny_tokenizer, train_sae, train_tiny_lm
+        from offline import pin_cpu_arithmetic, tiny_model, tiny_tokenizer, train_sae, train_tiny_lm
     except ImportError:
         raise ValueError("--tiny builds its toy with offline.py: put it next to yapo.py") from None
+    if not pin_cpu_arithmetic():
+        print("note: this process ran torch before the toy was pinned to one thread and AVX2 kernels (or this is no "
+              "x86 CPU), so the toy's numbers may differ from the README's; python yapo.py --tiny pins them")
     tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t])
     model = tiny_model(tok, seed)
     seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
