@@ -92,6 +92,50 @@ def at_kl(sweep, kl):
     return None
 
 
+def per_pair(row, metric):
+    """One metric on each held-out pair, from an evaluate row (mcq_accuracy: on each MCQ row)."""
+    if metric == "mcq_accuracy":
+        return torch.tensor(row["mcq"]["correct"], dtype=torch.float64)
+    margin = torch.tensor(row["per_pair"]["margin"], dtype=torch.float64)
+    return {"behavior_score": torch.sigmoid(margin), "accuracy": (margin > 0).double(), "margin": margin}[metric]
+
+
+def per_pair_at(entry, metric, where):
+    """Per-pair values at multiplier `where`, or (where = ("kl", x)) at the m where drift KL reaches x,
+    interpolated between the same two sweep points as at_kl does for the means; None if never reached."""
+    by_m = {r["multiplier"]: r for r in entry["rows"]}
+    if not isinstance(where, tuple):
+        return per_pair(by_m[where], metric)
+    hit = at_kl(entry["rows"], where[1])
+    if hit is None:
+        return None
+    lo, hi = hit["between"]
+    t = (hit["multiplier"] - lo) / (hi - lo)
+    return per_pair(by_m[lo], metric) + t * (per_pair(by_m[hi], metric) - per_pair(by_m[lo], metric))
+
+
+def paired_differences(methods, kls, base="YaPO"):
+    """base minus every other method on the same held-out pairs, pair by pair, at m = -1, m = +1 and at equal drift
+    (each KL in kls), with a 95 % interval (yapo.mean_interval); at equal drift also a verdict: 'better' or 'worse'
+    where the interval excludes 0, else 'cannot tell at n = ...'."""
+    metrics = ["behavior_score", "accuracy", "margin"] + (["mcq_accuracy"] if "mcq" in methods[base]["rows"][0] else [])
+    out = []
+    for other in (m for m in methods if m != base):
+        for where in [-1.0, 1.0] + [("kl", kl) for kl in kls]:
+            for metric in metrics:
+                a, b = per_pair_at(methods[base], metric, where), per_pair_at(methods[other], metric, where)
+                row = {"comparison": f"{base} - {other}", "at": f"m = {where:+g}" if isinstance(where, float)
+                       else f"KL {where[1]:g}", "metric": metric}
+                if a is None or b is None:
+                    out.append(row | {"difference": "not reached", "ci95": None, "n": None, "verdict": None})
+                    continue
+                mean, ci = yapo.mean_interval(a - b)
+                verdict = None if isinstance(where, float) else (
+                    "better" if mean - ci > 0 else "worse" if mean + ci < 0 else f"cannot tell at n = {len(a)}")
+                out.append(row | {"difference": mean, "ci95": ci, "n": len(a), "verdict": verdict})
+    return out
+
+
 def summary_row(method, entry):
     """One line of the table, from the method's evaluate rows."""
     by_m = {r["multiplier"]: r for r in entry["rows"]}
@@ -129,14 +173,15 @@ def main(argv=None):
     p.add_argument("--behavior", default=None, help="which rows of --data (default: yapo.py's; --tiny: the toy)")
     p.add_argument("--seed", type=int, default=0, help="one seed: the split, the tiny model, training")
     p.add_argument("--data", default=str(common.DATA), help="preference pairs, as yapo.py --data")
-    p.add_argument("--kl", type=float, default=0.05, help="drift KL at which methods are compared at equal cost")
+    p.add_argument("--kl", type=float, nargs="+", default=[0.05, 0.2],
+                   help="drift KLs at which methods are compared at equal cost (the table: the first)")
     p.add_argument("--preset", default="", choices=["", *yapo.PRESETS], help="a yapo.py preset: the real run")
     p.add_argument("--model", default=None, help="hub id or folder of the real model (no --tiny then)")
     p.add_argument("--sae", default=None, help="sae-lens release or folder")
     p.add_argument("--sae-id", default=None, help="SAE id inside the release")
     p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads and the hook steers")
     opts, rest = p.parse_known_args(argv)
-    if opts.kl <= 0:
+    if min(opts.kl) <= 0:
         p.error("--kl must be positive: the drift KL at m = 0 is 0")
     shapes = QUICK if opts.quick else FULL
     if opts.quick:
@@ -184,7 +229,7 @@ def main(argv=None):
         rows = yapo.evaluate(model, tok, hook_sae, v, test_pairs, margs)["rows"]
         methods[method] = {"mode": MODE[method], "space": "SAE latents" if hook_sae is not None else "residual stream",
                            "lam": float(margs.lam), "build_seconds": seconds, "l0": int((v != 0).sum()),
-                           "norm": v.norm().item(), **extra, "rows": rows, "at_kl": at_kl(rows, opts.kl)}
+                           "norm": v.norm().item(), **extra, "rows": rows, "at_kl": at_kl(rows, opts.kl[0])}
         print(f"{method:>5}: built in {seconds:.1f} s, evaluated", flush=True)
 
     table = [summary_row(m, e) for m, e in methods.items()]
@@ -195,8 +240,13 @@ def main(argv=None):
                ("drift_kl_plus_1", "drift KL m=+1")]
     if mcq:
         columns += [("mcq_accuracy_plus_1", "MCQ acc m=+1"), ("rca_plus_1", "RCA m=+1"), ("pnlg_plus_1", "PNLG m=+1")]
-    columns += [("m_at_kl", f"m at KL {opts.kl:g}"), ("score_at_kl", f"score at KL {opts.kl:g}"),
-                ("margin_at_kl", f"margin at KL {opts.kl:g}")]
+    kl = opts.kl[0]
+    columns += [("m_at_kl", f"m at KL {kl:g}"), ("score_at_kl", f"score at KL {kl:g}"),
+                ("margin_at_kl", f"margin at KL {kl:g}")]
+
+    paired = paired_differences(methods, opts.kl)
+    paired_columns = [("comparison", "comparison"), ("at", "at"), ("metric", "metric"), ("difference", "difference"),
+                      ("ci95", "+- (95 %)"), ("n", "n"), ("verdict", "at equal drift")]
 
     setup = (f"yapo.tiny_setup (seed {args.seed}) with yapo.TINY_DEFAULTS" if tiny else
              f"{args.model}, SAE {args.sae}" + (f" / {args.sae_id}" if args.sae_id else "") + f", layer {args.layer}")
@@ -206,7 +256,7 @@ def main(argv=None):
              f"method does to it on {len(test_pairs)} held-out pairs (unseen items), one seed.") if tiny else
             f"{len(test_pairs)} held-out pairs, one seed: read differences between methods with that sample in mind.")
     note += (f" Each method is evaluated at m*lam*v with the lam in its row; vectors of different methods have "
-             f"different natural scales, so 'm at KL {opts.kl:g}' also compares them at equal drift instead of at "
+             f"different natural scales, so 'm at KL {kl:g}' also compares them at equal drift instead of at "
              f"equal m (interpolated in the sweep of m >= 0). Drift KL is KL(steered || unsteered) of the "
              f"next-token distribution after each held-out prompt; scores at m = 0 are the unsteered model's "
              f"for every method.")
@@ -215,21 +265,25 @@ def main(argv=None):
     markdown = "\n".join([title, "", f"Setup: {setup}; {len(train_pairs)} training pairs, {len(test_pairs)} held-out "
                           f"pairs; multipliers {args.multipliers}" + (" [QUICK: a smoke test]" if opts.quick else ""),
                           "", common.markdown_table(table, columns), "", note, "",
+                          "Paired differences on the same held-out pairs, with 95 % intervals:", "",
+                          common.markdown_table(paired, paired_columns), "",
                           "Behaviour score / margin (nats) / drift KL at each multiplier:", "",
                           common.markdown_table(sweep_rows(methods), [("method", "method")] + [
                               (m, f"m={m:g}") for m in args.multipliers]), ""])
     results = {"benchmark": "compare_methods", "quick": opts.quick, "tiny": tiny, "mechanics_only": mechanics_only,
-               "setup": setup, "behavior": args.behavior, "seed": args.seed, "kl_threshold": opts.kl,
+               "setup": setup, "behavior": args.behavior, "seed": args.seed, "kl_threshold": kl,
+               "kl_thresholds": opts.kl,
                "sae_fit": fit, "shapes": shapes | {"train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
                                    "d_model": model.config.hidden_size, "d_sae": sae.cfg.d_sae},
                "args": dataclasses.asdict(args) | ({"data": common.DATA.name} if Path(args.data) == common.DATA
                                                     else {}),
                "machine": common.machine(), "methods": methods, "table": table,
-               "markdown": Path(opts.out).with_suffix(".md").name, "note": note}
+               "paired": paired, "markdown": Path(opts.out).with_suffix(".md").name, "note": note}
 
     print()
     common.print_table(table, columns)
-    print("\n" + note)
+    print("\n" + note + "\n\nPaired differences on the same held-out pairs:")
+    common.print_table(paired, paired_columns)
     common.write_json(opts.out, results)
     Path(opts.out).with_suffix(".md").write_text(markdown)
     print(f"wrote {Path(opts.out).with_suffix('.md')}")

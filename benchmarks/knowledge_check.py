@@ -37,7 +37,7 @@ def main(argv=None):
         args = yapo.Args(**json.loads(safe_open(path, "pt").metadata()["args"]))   # as the vector was trained
         device, dtype = yapo.pick_device_dtype(args.device, args.dtype)
         model, tok = yapo.load_model(args.model, device, dtype)
-        sae = yapo.load_sae(args.sae, args.sae_id, device, dtype) if args.mode == "sparse" else None
+        sae = yapo.load_sae(args.sae, args.sae_id, device, dtype) if yapo.uses_sae(args.mode) else None
         v, lam = yapo.load_vector(path, args, sae, model.config.hidden_size, device)
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8)
         tasks = TaskManager(include_path="benchmarks/knowledge")
