@@ -26,9 +26,10 @@ from safetensors import safe_open
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+import offline
 import yapo
 
-torch.set_num_threads(1)  # the tiny matrices gain nothing from threads, and threads on a busy CPU cost a lot
+offline.pin_cpu_arithmetic()  # before any torch op: the toys built here are the ones yapo.py --tiny builds
 ROOT = Path(__file__).parent
 DATA = ROOT / "data_sample.jsonl"
 LAYER = yapo.TINY_LAYER
