@@ -16,8 +16,8 @@ pairs at m = -1, 0, 0.5, 1, 2, 4. The seed changes the training order and the di
 stay fixed (data_sample.jsonl marks every row's split). none, CAA and SAS have no randomness: one unit each per
 behaviour (<method>.json), read for every seed. One unit: benchmarks/results/local/sweep/<behaviour>/<method>
 [_seed<k>].json, with the evaluate rows (per-pair margins and drifts, MCQ correctness), lam, build and evaluation
-seconds and, for BiPO and YaPO, the training loss of every step. A call starts no unit that it expects (from the
-last unit of the same method in this call) to end after --minutes; the first unit of a method always starts.
+seconds and, for BiPO and YaPO, the training loss of every step. A call starts a unit only while --minutes have
+not passed and, once it has made a unit of that method, only if one more such unit would end within them.
 
 report: reads whatever units exist (and lists the missing ones) and writes, per behaviour and method, the behaviour
 score and margin at m = -1 and +1, the drift KL at +1 and on culture the MCQ accuracy, each a mean with a 95 %
@@ -40,19 +40,26 @@ sweep/convergence.json and .md. The paper's claim: YaPO's loss below 0.1 within 
 trained on fewer tokens (as every --quick run): a smoke test of this script, written to benchmarks/results/quick/
 sweep/ (git ignores it). --results puts the units elsewhere; the report goes next to that folder (<folder>.json).
 
-Cost on 2 cores (ESTIMATED, see below; the README's table gives the measured seconds once the sweep has run;
-every unit records its own): 8 behaviours (power_seeking, wealth_seeking, hallucination, jailbreak, sentiment,
-culture_morocco, _egypt, _lebanon) x (3 seed-independent units + 2 trained methods x 3 seeds) = 72 units.
-A trained unit on an open behaviour: 48 steps at about 4 s (local_train_step.json: 2.6 s per step of 4 pairs on
-an idle machine; local_convergence.json: 6.2 s under load 3) plus the evaluation of 44 pairs x 6 multipliers at
-about 0.5 s per pair and multiplier (local_evaluate.json: 0.77 s on MCQ rows with 4 options): about 3 + 2.5 = 6
-minutes; CAA and SAS about 3 minutes (one pass over the training pairs, then the same evaluation); none about
-half a minute (v = 0 is evaluated at m = 0 once: every m gives the same numbers); a culture unit about two
-thirds of that (32 shorter training rows). Per open behaviour about 6 x 6 + 2 x 3 + 0.5 = 43 minutes, per culture
-behaviour about 30: about 5 x 43 + 3 x 30 = 305 minutes, about 5 hours, so `run --minutes 60` about 5 times.
-convergence: 18 runs of 120 steps (12 of them on all 46 training pairs, 6 on the 35 fitting pairs of the
-validation split) at about 4 s a step, plus their evaluations (44 or 11 pairs x 3 multipliers): about 2.5 hours,
-`convergence --minutes 60` about 3 times. Loading the model and SAE takes about half a minute per call.
+Cost on 2 cores, ESTIMATED (the model's SAE folder was not yet built when this was written; every unit records
+its own seconds, so the first call measures it): from results/local_train_step.json (2.6 s per training step of 4
+pairs, batch 8 x 86 tokens, machine otherwise idle) and results/local_evaluate.json (0.77 s per MCQ pair and
+multiplier with 4 options; an open pair needs one sequence fewer, about 0.6 s); the sequences here are as short
+(72-132 tokens per pair). 8 behaviours (power_seeking, wealth_seeking, hallucination, jailbreak, sentiment,
+culture_morocco, _egypt, _lebanon) x (3 seed-independent units + BiPO and YaPO x 3 seeds) = 72 units:
+
+  unit                                   build                          evaluation              minutes
+  BiPO or YaPO, open behaviour           48 steps (sentiment 60): 2-3   44 pairs x 6 m: 2.7     5-6
+  BiPO or YaPO, culture (MCQ)            32 steps: 1.5                  40 pairs x 6 m: 3.1     4.6
+  CAA or SAS                             one pass over the pairs: 0.3   as above                3-3.5
+  none                                   -                              m = 0 once: 0.5         0.5
+
+About 37 minutes per open behaviour, 40 for sentiment, 35 per culture behaviour: about 290 minutes, 5 hours, on
+an idle machine, so 5 calls of `run --minutes 60`, each about an hour; when other work shares the 2 cores it
+takes longer (the earlier one-seed runs, at load 3, took 2.4 times the idle step time: about 12 hours, 12 calls).
+convergence: 18 units (12 runs of 120 steps on the 46 training pairs, 6 validation runs of 90 steps on 34 of
+them), each evaluated at 3 multipliers (44 or 12 pairs): about 6.7, 4.3 and 6.7 minutes per run of paper,
+validation and best_lr, 105 minutes in all on an idle machine (2 calls of `convergence --minutes 60`; about 4
+hours shared). Loading the model and SAE: under a minute per call.
 
 What is reused: the model and SAE are loaded once per process (and only when a unit needs them, so a call that
 finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed. Not cached: the
@@ -110,9 +117,10 @@ def where(tiny, results=None):
     if tiny:
         return Where(True, Path(results or common.RESULTS / "quick" / "sweep").resolve(), ["--tiny", "--epochs", "1"],
                      {"toy_sentiment": []}, 4, CONVERGENCE | {"behavior": "toy_sentiment", "epochs": 1})
+    folder = Path(results or common.RESULTS / "local" / "sweep").resolve()
     os.chdir(common.ROOT)       # as local_gemma3.compare_all: the JSON names the folders as a clone has them
     flags = [os.path.relpath(f) if f.startswith(str(common.ROOT)) else f for f in local_gemma3.FLAGS]
-    return Where(False, Path(results or common.RESULTS / "local" / "sweep").resolve(),
+    return Where(False, folder,
                  flags + local_gemma3.chosen_settings() + ["--sas-tau", str(local_gemma3.SAS_TAU)],
                  LOCAL_BEHAVIORS, None, CONVERGENCE)
 
