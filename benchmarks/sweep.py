@@ -160,7 +160,8 @@ class Loaded:
 
 
 class Budget:
-    """--minutes: a unit starts unless the last unit of its kind in this call says it would end after the limit."""
+    """--minutes: a unit starts while the limit has not passed, and not if the last unit of its kind in this call
+    took longer than the time left."""
 
     def __init__(self, minutes):
         self.end, self.last = time.monotonic() + 60 * minutes, {}
@@ -251,7 +252,7 @@ def sweep_unit(env, loaded, behavior, method, seed):
             "build_seconds": built, "evaluate_seconds": evaluated, "l0": int((v != 0).sum()), "norm": v.norm().item(),
             **extra, "train_pairs": len(train), "test_pairs": len(test), "multipliers": MULTIPLIERS,
             "rows": rows, "at_kl": {str(kl): compare_methods.at_kl(rows, kl) for kl in KLS},
-            "args": dataclasses.asdict(args) | {"multipliers": MULTIPLIERS}, "machine": common.machine()}
+            "args": dataclasses.asdict(args), "machine": common.machine()}
 
 
 def run(env, behaviors, methods, seeds, minutes):
@@ -394,7 +395,7 @@ def report(env, behaviors, seeds, kls):
 
 # ---------------------------------------------------------------------------------------------- convergence
 
-def convergence_args(env, method, seed, n_train, lam, lr, warmup_steps):
+def convergence_args(env, method, seed, lam, lr, warmup_steps):
     conf = env.convergence
     return unit_args(env, conf["behavior"], method, seed, [
         "--lam", str(lam), "--lr", str(lr), "--epochs", str(conf["epochs"]), "--warmup-steps", str(warmup_steps),
@@ -402,7 +403,8 @@ def convergence_args(env, method, seed, n_train, lam, lr, warmup_steps):
 
 
 def warmup(env, n_train):
-    """The paper's 100 warm-up steps, capped at a tenth of this run (the paper's runs are many times longer)."""
+    """The paper's 100 warm-up steps, capped at a tenth of this run: a run here has 120 steps in all, and a warm-up
+    over most of it would leave the lr below its value for most of the run (a tenth, as validate() warms up)."""
     conf = env.convergence
     steps = conf["epochs"] * math.ceil(n_train / 4)                 # batch 4, one micro-batch per step
     return min(conf["paper"]["warmup_steps"], max(1, round(conf["warmup_share"] * steps)))
@@ -411,7 +413,7 @@ def warmup(env, n_train):
 def convergence_unit(env, loaded, setting, method, seed, lam, lr, train, test):
     """One training run: how fast its loss falls, and the margin it gains on `test` from m = -1 to +1."""
     model, tok, sae, layer, model_name, sae_name = loaded.get(env.convergence["behavior"])
-    args = convergence_args(env, method, seed, len(train), lam, lr, warmup(env, len(train)))
+    args = convergence_args(env, method, seed, lam, lr, warmup(env, len(train)))
     args.layer = layer
     hook_sae = sae if method == "YaPO" else None
     if args.lam == "auto":
