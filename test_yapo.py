@@ -699,6 +699,7 @@ def test_evaluation_scores_match_an_independent_computation(tiny, pairs, trained
         assert row_["behavior_score"] == pytest.approx(sum(sig) / 3, abs=1e-4)
         assert row_["accuracy"] == pytest.approx(sum(wins) / 3)
         assert row_["drift_kl"] == pytest.approx(sum(kls) / 3, abs=1e-5)
+        assert row_["per_pair"]["drift_kl"] == pytest.approx(kls, abs=1e-5)
         assert row_["margin"] == pytest.approx(sum(lp_w - lp_l for lp_w, lp_l in margins) / 3, abs=1e-3)
     assert result["rows"][0]["drift_kl"] == pytest.approx(0.0, abs=1e-7)
     assert result["rows"][1]["drift_kl"] > 1e-4

@@ -560,7 +560,7 @@ def evaluate(model, tok, sae, v, pairs, args):
     KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ pairs the paper's
     metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and, unless that is 0,
     for every open-ended pair with a country. Each mean comes with the half-width of its 95 % interval over the
-    pairs (<name>_ci95), and the per-pair margins are kept, so that methods can be compared pair by pair.
+    pairs (<name>_ci95), and the per-pair margins and drifts are kept, so that methods can be compared pair by pair.
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
@@ -574,8 +574,9 @@ def evaluate(model, tok, sae, v, pairs, args):
             logp_w, logp_l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
             next_logp, picks = prompt_scores(model, tok, pairs, args.batch_size)   # drift and MCQ: one forward
             margin = (logp_w - logp_l).double()                  # [n] nats; moves even where sigma saturates
-            row = {"multiplier": m, "n": len(pairs), "drift_kl": drift_kl(next_logp, base_next).mean().item(),
-                   "per_pair": {"margin": margin.tolist()}}      # what paired comparisons of methods read
+            drift = drift_kl(next_logp, base_next)               # [n]
+            row = {"multiplier": m, "n": len(pairs), "drift_kl": drift.mean().item(),
+                   "per_pair": {"margin": margin.tolist(), "drift_kl": drift.tolist()}}   # for paired comparisons
             for name, values in (("behavior_score", torch.sigmoid(margin)), ("accuracy", (margin > 0).double()),
                                  ("margin", margin)):
                 row[name], row[name + "_ci95"] = mean_interval(values)

@@ -231,5 +231,42 @@ def test_generate_quick(background_run):
     assert close(data["unsteered_ms_per_token"], 1000 * unsteered["median_s"] / shapes["new_tokens"])
 
 
+def test_sweep_tiny_resumes_and_reports(tmp_path):
+    """benchmarks/sweep.py on the toy: a second run finds every unit and rewrites none, and the report's YaPO minus
+    BiPO at equal drift is the mean (and 1.96 standard errors) of per-pair differences computed here from the units."""
+    import subprocess
+    folder = tmp_path / "sweep"
+    sweep = lambda *a: subprocess.run([sys.executable, str(HERE / "sweep.py"), *a, "--tiny", "--seeds", "0", "1",
+                                       "--results", str(folder)], capture_output=True, text=True, timeout=300)
+    first = sweep("run")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    units = sorted(folder.rglob("*.json"))
+    assert sorted(p.name for p in units) == sorted(["none.json", "CAA.json", "SAS.json"] + [
+        f"{m}_seed{s}.json" for m in ("BiPO", "YaPO") for s in (0, 1)])
+    mtimes = [p.stat().st_mtime_ns for p in units]
+    second = sweep("run")
+    assert second.returncode == 0 and "ran 0 units, skipped 7 that exist" in second.stdout, second.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in units] == mtimes
+    kl = 0.001                                                  # the toy's trained vectors cross it by m = 4
+    report = sweep("report", "--kl", str(kl))
+    assert report.returncode == 0, report.stderr[-3000:]
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["units"] == 7 and data["missing"] == []
+
+    def margins_at_kl(method, seed):     # per pair, linearly where the run's drift first exceeds kl (m >= 0)
+        run = json.loads((folder / "toy_sentiment" / f"{method}_seed{seed}.json").read_text())
+        rows = sorted((r for r in run["rows"] if r["multiplier"] >= 0), key=lambda r: r["multiplier"])
+        lo, hi = next((a, b) for a, b in zip(rows, rows[1:]) if b["drift_kl"] > kl)
+        t = (kl - lo["drift_kl"]) / (hi["drift_kl"] - lo["drift_kl"])
+        return [a + t * (b - a) for a, b in zip(lo["per_pair"]["margin"], hi["per_pair"]["margin"])]
+
+    seed_mean = lambda method: [statistics.fmean(x) for x in zip(*(margins_at_kl(method, s) for s in (0, 1)))]
+    diffs = [a - b for a, b in zip(seed_mean("YaPO"), seed_mean("BiPO"))]
+    (row,) = [r for r in data["paired"] if r["comparison"] == "YaPO - BiPO" and r["metric"] == "margin"]
+    assert row["n"] == len(diffs) == 4 and row["runs_reaching"] == "2/2 vs 2/2"
+    assert close(row["difference"], statistics.fmean(diffs))
+    assert close(row["ci95"], 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
