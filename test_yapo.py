@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAEMetadata
 
 import yapo
 
@@ -1215,8 +1214,8 @@ def test_sae_for_another_layer_is_refused_naming_both_layers(tiny):
 
 def test_sae_for_another_width_is_refused_naming_both_sizes(tiny):
     model, _, _ = tiny
-    wide = JumpReLUSAE(JumpReLUSAEConfig(d_in=128, d_sae=32, metadata=SAEMetadata(
-        hook_name=f"blocks.{LAYER}.hook_resid_post")))
+    wide = JumpReLUSAE(JumpReLUSAEConfig.from_dict({"architecture": "jumprelu", "d_in": 128, "d_sae": 32,
+                                                    "metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post"}}))
     with pytest.raises(ValueError, match="SAE d_in is 128 but the model's hidden size is 64"):
         yapo.check_sae_fits_model(model, wide, LAYER)
 
