@@ -363,12 +363,12 @@ def train(model, tok, sae, pairs, args, save_to=None):
 def contrast_positions(tok, pair, response, prompt_len, authors_scoring=False):
     """Where a baseline reads h: on an MCQ answer, the token that carries the option label (CAA reads the
     letter of '(A)'); on an open answer no single token decides, so every response token (the mean)."""
-    ids = response_ids(tok, response, authors_scoring)
     if pair["format"] != "mcq":
-        return list(range(prompt_len, prompt_len + len(ids)))
-    label_char = (" " * authors_scoring + response).index(answer_label(response))
-    first = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) > label_char)
-    return [prompt_len + first - 1]
+        return list(range(prompt_len, prompt_len + len(response_ids(tok, response, authors_scoring))))
+    text = " " * authors_scoring + response                         # what response_ids tokenizes
+    label_char = text.index(answer_label(response))
+    spans = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]   # [(start, end)]
+    return [prompt_len + next(k for k, (start, end) in enumerate(spans) if start <= label_char < end)]
 
 
 @torch.no_grad()
