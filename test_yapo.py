@@ -12,7 +12,7 @@ import os
 import re
 import string
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach for a hub, and failing lookups must fail fast
@@ -1314,7 +1314,7 @@ def test_help_documents_every_args_field(capsys):
     with pytest.raises(SystemExit):
         yapo.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for f in yapo.fields(yapo.Args):
+    for f in fields(yapo.Args):
         assert "--" + f.name.replace("_", "-") in text and " ".join(f.metadata["help"].split())[:20] in text
 
 

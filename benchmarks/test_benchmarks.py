@@ -4,6 +4,7 @@ write every JSON field it documents; values that can be checked independently an
     python -m pytest -q benchmarks/test_benchmarks.py
 """
 
+import dataclasses
 import json
 import re
 import statistics
@@ -117,7 +118,7 @@ def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
     import yapo
     set_by_the_script = {"mode", "multipliers", "n-generations", "max-new-tokens", "top-k", "eval-only", "vector",
                          "export-gguf", "export-multiplier", "out-dir"}
-    assert {f.name.replace("_", "-") for f in yapo.fields(yapo.Args)} <= listed | set_by_the_script
+    assert {f.name.replace("_", "-") for f in dataclasses.fields(yapo.Args)} <= listed | set_by_the_script
 
 
 @pytest.mark.parametrize("script", ["bench_convergence", "bench_pruning", "bench_train_step"])
