@@ -109,6 +109,13 @@ def pairs_from(path, behavior="b", **kw):
     return yapo.load_pairs(yapo.Args(data=str(path), behavior=behavior, **kw), need_train=False)
 
 
+def logp_by_full_forward(model, prompt, response):
+    """log p(response | prompt) the plain way: one unbatched forward of the whole sequence, a log_softmax at
+    every position, the response tokens' entries summed."""
+    logp = model(input_ids=torch.tensor([prompt + response])).logits[0].log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + t, k] for t, k in enumerate(response))
+
+
 # ============================================================================================== THE METHOD
 # ---------------------------------------------------------------------------------------------- the hook (Eq. 3)
 
@@ -1398,6 +1405,47 @@ def test_main_exports_a_sparse_vector_with_its_fidelity(saved_tiny, tmp_path):
     saved = json.loads((run / "results.json").read_text())["export"]
     assert saved == results["export"] and saved["multiplier"] == -1.0 and saved["relative_error"] >= 0
     assert list(tensors) == [f"direction.{LAYER}"]
+
+
+def on_folders(saved_tiny):
+    """The flags of a run on the tiny model and SAE saved as local folders."""
+    return ["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+            "--device", "cpu", "--data", str(DATA)]
+
+
+def save_for_folders(path, v, saved_tiny, sae, lam):
+    """v written as a vector of the tiny model and SAE folders (what --eval-only loads with on_folders), at lam."""
+    yapo.save_vector(path, v, yapo.Args(model=str(saved_tiny / "model"), sae=str(saved_tiny / "sae"), sae_id="",
+                                        layer=LAYER, lam=lam), sae)
+    return path
+
+
+def test_eval_only_evaluates_a_vector_at_the_lam_it_was_saved_with(saved_tiny, tiny, pairs, trained, tmp_path, capsys):
+    """No --lam on the command line: --eval-only steers with m * the lam saved with the vector (2.5 here, not the
+    default 1), as full forwards of each held-out pair at m * 2.5 confirm."""
+    model, tok, sae = tiny
+    v = trained["v"] * 4
+    path = save_for_folders(tmp_path / "v.safetensors", v, saved_tiny, sae, lam=2.5)
+    results = yapo.main(on_folders(saved_tiny) + ["--eval-only", "--vector", str(path), "--multipliers", "-1", "1",
+                                                  "--n-generations", "0", "--out-dir", str(tmp_path / "runs")])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "results.json").read_text())["args"]["lam"] == 2.5
+    assert "evaluating at lam = 2.5, as saved with the vector" in capsys.readouterr().out
+    for r in results["eval"]["rows"]:
+        with torch.no_grad(), yapo.steering(model, LAYER, v, r["multiplier"] * 2.5, sae):
+            margins = torch.stack([logp_by_full_forward(model, x, w) - logp_by_full_forward(model, x, l)
+                                   for x, w, l in (yapo.tokenize_pair(tok, p) for p in pairs[1])])
+        assert r["behavior_score"] == pytest.approx(torch.sigmoid(margins).mean().item(), abs=1e-4)
+        assert r["margin"] == pytest.approx(margins.mean().item(), abs=1e-3)
+
+
+def test_eval_only_with_another_lam_uses_it_and_names_the_saved_one(saved_tiny, tiny, trained, tmp_path, capsys):
+    path = save_for_folders(tmp_path / "v.safetensors", trained["v"], saved_tiny, tiny[2], lam=2.5)
+    results = yapo.main(on_folders(saved_tiny) + ["--eval-only", "--vector", str(path), "--lam", "4",
+                                                  "--multipliers", "1", "--n-generations", "0",
+                                                  "--out-dir", str(tmp_path / "runs")])
+    assert results["args"]["lam"] == 4.0
+    assert "evaluating at lam = 4 (--lam), not the 2.5 saved with the vector" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- the command line

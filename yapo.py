@@ -85,7 +85,8 @@ class Args:
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
-    lam: str = arg("1", "lambda: steering strength, v is applied as d*lam*v; a number, or auto (typical latent size)")
+    lam: str = arg("1", "lambda: steering strength, v is applied as d*lam*v; a number, or auto (typical latent size; "
+                        "with --eval-only, where it is the default: the lam saved with the vector)")
     authors_scoring: bool = arg(False, "score ' ' + response + <eos> as the authors' trainer does (README: why not)")
     # optimisation
     lr: float = arg(5e-4, "AdamW learning rate for v")
@@ -775,6 +776,8 @@ def parse_args(argv=None) -> Args:
     defaults = PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})
     if first.tiny and first.mode == "dense":
         defaults["lr"] = TINY_DENSE_LR
+    if first.eval_only:                                           # a vector carries its lam: auto reuses it
+        defaults["lam"] = "auto"
     if first.mode in ("caa", "sas"):                              # mean differences are in activation units
         defaults["lam"] = "1"
     parser.set_defaults(**defaults)
@@ -870,7 +873,9 @@ def main(argv=None):
     model, tok, sae, fit = model_and_sae(args, train_pairs or test_pairs)                       # 2. model and SAE
     if args.eval_only:                                            # 3. vector, loaded: may refuse, so before the folder
         loaded, saved_lam = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
-        args.lam = saved_lam if args.lam == "auto" else args.lam
+        args.lam = saved_lam if args.lam == "auto" else args.lam   # auto, --eval-only's default: the saved lam
+        print(f"evaluating at lam = {args.lam:.4g}" + (", as saved with the vector" if args.lam == saved_lam else
+                                                       f" (--lam), not the {saved_lam:.4g} saved with the vector"))
     run = new_run_dir(args)
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
           f"layer {args.layer}; writing to {run}")
