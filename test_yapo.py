@@ -736,6 +736,16 @@ def test_mcq_accuracy_follows_the_steered_model_at_each_multiplier(tiny, args):
     assert len({e["accuracy"] for e in expected}) > 1             # steering moved the metric, so this can fail
 
 
+def test_a_pair_whose_two_answers_score_the_same_is_not_a_win(tiny, pairs, args):
+    """Accuracy counts strict wins. With y_l = y_w the two log-probs are one number at every m: the pair scores
+    sigma(0) = 0.5, a margin of 0, and an accuracy of 0 (a tie counted as a win would make it 1)."""
+    model, tok, sae = tiny
+    tie = pairs[1][0] | {"rejected": pairs[1][0]["chosen"]}
+    rows = yapo.evaluate(model, tok, sae, random_v(sae.cfg.d_sae), [tie],
+                         replace(args, multipliers=[-1.0, 0.0, 1.0], n_generations=0))["rows"]
+    assert [(r["behavior_score"], r["margin"], r["accuracy"]) for r in rows] == [(0.5, 0.0, 0.0)] * 3
+
+
 def test_drift_is_kl_of_the_steered_distribution_from_the_unsteered_one():
     steered, base = torch.tensor([[0.9, 0.1]]).log(), torch.tensor([[0.5, 0.5]]).log()
     forward = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)     # KL(steered || base) = 0.368

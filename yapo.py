@@ -554,10 +554,10 @@ def mcq_metrics(pairs, picks, args):
 @torch.no_grad()
 def evaluate(model, tok, sae, v, pairs, args):
     """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
-    pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x) in nats; drift = mean
-    KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ pairs the paper's
-    metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and, unless that is 0,
-    for every open-ended pair with a country.
+    pairs won strictly, log p(y_w|x) > log p(y_l|x) (a tie is no win); margin = mean log p(y_w|x) - log p(y_l|x)
+    in nats; drift = mean KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ
+    pairs the paper's metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and,
+    unless that is 0, for every open-ended pair with a country.
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
