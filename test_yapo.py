@@ -14,6 +14,7 @@ import string
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach for a hub, and failing lookups must fail fast
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -876,6 +877,33 @@ def test_restricted_sae_gives_the_same_latents_as_the_full_one(tiny):
     latents = torch.tensor([3, 17, 200, 511])
     h = hidden()
     torch.testing.assert_close(yapo.restrict_sae(sae, latents).encode(h), sae.encode(h)[..., latents])
+
+
+class OneHotStream(torch.nn.Module):
+    """A stand-in for model.model whose residual stream is the one-hot token id: with an identity 'SAE', latent k
+    fires on token k and nowhere else."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.layers = vocab_size, torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.layers[0](F.one_hot(input_ids, self.vocab_size).float())
+
+
+def test_latent_contexts_bracket_the_token_the_latent_fires_on(tiny, pairs):
+    """A latent that fires on one token of the pairs alone: its context is the `width` tokens before that token,
+    then the token itself in brackets."""
+    _, tok, _ = tiny
+    pair = pairs[0][0]
+    prompt, chosen, rejected = yapo.tokenize_pair(tok, pair)
+    k = next(t for t in chosen if (prompt + chosen + rejected).count(t) == 1)        # in y_w once, nowhere else
+    seq = prompt + chosen
+    t = seq.index(k)
+    model = SimpleNamespace(model=OneHotStream(len(tok)), device=torch.device("cpu"))
+    reads = yapo.latent_contexts(model, tok, SimpleNamespace(encode=lambda h: h), [pair], 0, [k], width=4)
+    context = (tok.decode(seq[t - 4:t]) + f"[{tok.decode([k])}]").replace("\n", "\\n")
+    assert reads == {k: [{"activation": 1.0, "context": context}]}
 
 
 def test_top_latents_are_sorted_with_neuronpedia_links_l0_and_norm(tiny):
