@@ -193,11 +193,9 @@ def test_train_step_quick(background_run):
     data, _, _ = quick_result(background_run)
     assert set(data) == {"benchmark", "quick", "shapes", "machine", "measured", "variants", "ratios", "targets",
                          "b_c_loss_max_abs_difference", "authors_trainer_same_machine", "note"}
-    assert data["authors_trainer_same_machine"] | {"how": None} == {
-        "how": None, "sparse_s_per_step": 12.3, "dense_s_per_step": 12.2, "sparse_peak_rss_gb": 8.1,
-        "dense_peak_rss_gb": 8.0, "forwards_per_step": 2,
-        "this_script_back_to_back": {"b_yapo_s_per_step": 0.93, "b_yapo_peak_rss_gb": 1.49, "a_floor_s_per_step": 0.85}}
-    assert "not measured by this repo's scripts" in data["authors_trainer_same_machine"]["how"]
+    # the authors' trainer was timed by hand: the output quotes that record, how it was taken included
+    quoted = json.loads((HERE / "results" / "authors_trainer.json").read_text())
+    assert data["authors_trainer_same_machine"] == quoted and "not measured by this repo's scripts" in quoted["how"]
     shapes = data["shapes"]
     assert set(data["variants"]) == {"a_floor", "b_yapo", "c_naive"}
     for name, v in data["variants"].items():
