@@ -1,9 +1,9 @@
 """The specification of yapo.py, offline: a tiny Gemma-2, a tokenizer and a JumpReLU SAE built here stand in
 for Gemma-2-2B and Gemma Scope. The tests of the method come first, in the paper's order (Eq. 3, log-probs,
 Eq. 4, Algorithm 1, the baselines, the metrics); the plumbing (data, files, command line) after them.
-Tests that touch the device path also run on CUDA in bf16 when a GPU is present. The runs in a process of their
-own (the command line, the notebook) start in the background as the session starts (conftest.py: BACKGROUND).
-Run: python -m pytest -q test_yapo.py benchmarks/test_benchmarks.py"""
+Tests that touch the device path also run on CUDA in bf16 when a GPU is present. The tests of the command line
+and of the notebook start their run in a process of their own.
+Run: python -m pytest -q test_yapo.py (the README has the command for the whole suite, on every core)"""
 
 import copy
 import json
@@ -11,6 +11,7 @@ import math
 import os
 import re
 import string
+import subprocess
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -37,19 +38,6 @@ DEVICES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-# test -> a run in its own process, started in the background as the session starts (conftest.py), longest first
-BACKGROUND = {
-    "test_tutorial_notebook_runs_offline_end_to_end":
-        lambda folder: [sys.executable, "-c", NOTEBOOK_RUN, str(ROOT / "tutorial.ipynb"), str(ROOT)],
-    "test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw": lambda folder: yapo_cli(
-        "--tiny", "--data", DATA)(folder),
-    "test_cli_tiny_culture_run_prints_the_papers_metrics": lambda folder: yapo_cli(
-        "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
-        "--format", "mcq", "--multipliers", "-1", "1")(folder),
-    "test_cli_bad_data_fails_before_loading_anything_with_file_and_line": lambda folder: bad_data_cli(folder),
-    "test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny": lambda folder: yapo_alone(folder),
-}
 
 def load(behavior="power_seeking", **kw):
     return yapo.load_pairs(yapo.Args(data=str(DATA), behavior=behavior, **kw), need_train=kw.pop("need_train", True))
@@ -1518,23 +1506,25 @@ def test_eval_only_with_another_lam_uses_it_and_names_the_saved_one(saved_tiny, 
 
 # ---------------------------------------------------------------------------------------------- the command line
 
-def yapo_cli(*argv):
-    """The command of one `python yapo.py` run in the background (conftest.py), writing into its folder."""
-    return lambda folder: [sys.executable, str(ROOT / "yapo.py"), *argv, "--out-dir", str(folder / "runs")]
+def run_yapo(folder, *argv, script=ROOT / "yapo.py"):
+    """`python yapo.py ARGV --out-dir FOLDER/runs` in a process of its own, in FOLDER, offline and on the CPU."""
+    return subprocess.run([sys.executable, str(script), *map(str, argv), "--out-dir", str(folder / "runs")],
+                          cwd=folder, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"})
 
 
-def cli_run(background_run):
-    """A finished `python yapo.py` run that must have succeeded: (stdout, its one run folder)."""
-    code, stdout, stderr, folder = background_run
-    assert code == 0, stdout[-2000:] + stderr[-3000:]
+def finished_run(folder, *argv):
+    """A `python yapo.py ARGV` run that must succeed: (its stdout, its one run folder)."""
+    done = run_yapo(folder, *argv)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (run,) = (folder / "runs").iterdir()
-    return stdout, run
+    return done.stdout, run
 
 
-def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, background_run):
+def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp_path):
     """`python yapo.py --tiny`, recomputed independently from its saved vector with the model rebuilt here: the
     held-out behaviour score rises from m = -1 to 0 to +1."""
-    stdout, run = cli_run(background_run)
+    stdout, run = finished_run(tmp_path, "--tiny", "--data", DATA)
     results = json.loads((run / "results.json").read_text())
     _, test, model, tok, sae = toy
     args = yapo.Args(**{k: results["args"][k] for k in ("mode", "model", "layer", "sae", "sae_id")})
@@ -1542,24 +1532,19 @@ def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, bac
     rows = {r["multiplier"]: r for r in results["eval"]["rows"]}
     scores = {}
     for m in (-1.0, 0.0, 1.0):
-        sig = []
         with torch.no_grad(), yapo.steering(model, LAYER, v, m * lam, sae):
-            for p in test:
-                prompt, chosen, rejected = yapo.tokenize_pair(tok, p)
-                lp = []
-                for resp in (chosen, rejected):
-                    logp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
-                    lp.append(sum(logp[len(prompt) - 1 + t, i] for t, i in enumerate(resp)))
-                sig.append(torch.sigmoid(lp[0] - lp[1]).item())
-        scores[m] = sum(sig) / len(sig)
+            margins = torch.stack([logp_by_full_forward(model, x, w) - logp_by_full_forward(model, x, l)
+                                   for x, w, l in (yapo.tokenize_pair(tok, p) for p in test)])
+        scores[m] = torch.sigmoid(margins).mean().item()
         assert rows[m]["behavior_score"] == pytest.approx(scores[m], abs=1e-4)
     assert scores[-1.0] < scores[0.0] < scores[1.0]
     assert "toy_sentiment is a behaviour a model this small can learn" in stdout
     assert re.search(r"latent +\d+ [+-]\d\.\d+ +'[^']*\[[^']+\]'", stdout)      # what each top latent reads
 
 
-def test_cli_tiny_culture_run_prints_the_papers_metrics(background_run):
-    stdout, run = cli_run(background_run)
+def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
+    stdout, run = finished_run(tmp_path, "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1",
+                               "--behavior", "culture_egypt", "--format", "mcq", "--multipliers", "-1", "1")
     assert "At this size culture_egypt shows the mechanics only" in stdout
     assert re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", stdout)
     results = json.loads((run / "results.json").read_text())
@@ -1598,112 +1583,97 @@ def test_a_refused_vector_writes_nothing_and_names_the_mismatch(saved_tiny, tmp_
     assert list(tmp_path.iterdir()) == [run]
 
 
-def bad_data_cli(folder):
-    """`python yapo.py` on a file whose second row lacks its chosen answer."""
-    (folder / "bad.jsonl").write_text(json.dumps(row(behavior="power_seeking")) + "\n"
-                                      + '{"behavior": "power_seeking", "prompt": "x"}\n')
-    return yapo_cli("--tiny", "--data", folder / "bad.jsonl", "--behavior", "power_seeking")(folder)
+def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row(behavior="power_seeking")) + "\n"    # row 2 lacks its answers
+                                        + '{"behavior": "power_seeking", "prompt": "x"}\n')
+    done = run_yapo(tmp_path, "--tiny", "--data", tmp_path / "bad.jsonl", "--behavior", "power_seeking")
+    assert done.returncode != 0 and f"{tmp_path / 'bad.jsonl'}:2: missing or empty field 'chosen'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
-def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(background_run):
-    code, _, stderr, folder = background_run
-    assert code != 0 and f"{folder / 'bad.jsonl'}:2: missing or empty field 'chosen'" in stderr
-    assert "Traceback" not in stderr and not (folder / "runs").exists()
-
-
-def yapo_alone(folder):
+def test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny(tmp_path):
     """`python yapo.py --tiny` on a copy of yapo.py alone in an empty folder, as a course would copy it."""
-    (folder / "yapo.py").write_text((ROOT / "yapo.py").read_text())
-    return [sys.executable, str(folder / "yapo.py"), "--tiny", "--data", str(DATA)]
-
-
-def test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny(background_run):
-    code, _, stderr, folder = background_run
-    assert code != 0 and "error: --tiny builds its toy with offline.py: put it next to yapo.py" in stderr
-    assert "Traceback" not in stderr and not (folder / "runs").exists()
+    (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
+    done = run_yapo(tmp_path, "--tiny", "--data", DATA, script=tmp_path / "yapo.py")
+    assert done.returncode != 0
+    assert "error: --tiny builds its toy with offline.py: put it next to yapo.py" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------------- the notebook
 
-NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
-
-
-def notebook_text(nb):
-    """All stdout and HTML the executed notebook produced, as one string."""
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if out.output_type == "stream" and out.name == "stdout":
-                parts.append(out.text)
-            elif out.output_type in ("display_data", "execute_result"):
-                parts.append(out.get("data", {}).get("text/html", ""))
-    return "\n".join(parts)
-
-
-NOTEBOOK_RUN = """import os, sys, nbclient, nbformat
-nb = nbformat.read(sys.argv[1], as_version=4)
-client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}})
-try:
-    client.execute(env=dict(os.environ, YAPO_TINY="1"))   # raises CellExecutionError at the first failing cell
-finally:
-    nbformat.write(nb, "tutorial.executed.ipynb")        # in the run's folder, for a look after a failure
-"""
-
-
-def test_tutorial_notebook_runs_offline_end_to_end(background_run):
+def test_tutorial_notebook_is_committed_without_outputs_or_machine_paths():
     nbformat = pytest.importorskip("nbformat")
     raw = (ROOT / "tutorial.ipynb").read_text(encoding="utf-8")
     nb = nbformat.reads(raw, as_version=4)
     nbformat.validate(nb)
-
-    # committed clean: no outputs, no execution counts, no machine-specific paths
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert code_cells and all(not c.outputs and c.execution_count is None for c in code_cells)
     assert str(ROOT) not in raw
     assert not re.search(r"(?<![\w.])/(?:home|Users|work|tmp|root|mnt)/|[A-Za-z]:\\\\", raw)
 
-    code, _, stderr, folder = background_run                       # executed in the background (conftest.py)
-    assert code == 0, stderr[-3000:]
-    nb = nbformat.read(folder / "tutorial.executed.ipynb", as_version=4)
-    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-    text = notebook_text(nb)
 
-    assert "YAPO_TINY=1 -> CONFIG = 'tiny'" in text
+# Run after the notebook's last cell, in its kernel: the values its cells computed, as one line of JSON. Two loops
+# keep only their last pass (the loss at d = -1, the pruning at every latent), so their other passes are run again
+# here with the notebook's own objects.
+NOTEBOOK_VALUES = """import json
+pruned = {str(k): yapo.evaluate(model, tok, sae_k, v_k, test_pairs, sweep)["rows"]
+          for k in (8, 32) for v_k, sae_k in [yapo.prune(v, sae, k)]}
+print(json.dumps({
+    "config": CONFIG, "one_vs_two_decodes": (h_one - h_two).abs().max().item(), "max_abs_h": scale,
+    "v0_unchanged": unchanged, "hook_vs_steer": hook_diff,
+    "loss": {"d": d, "by_hand": by_hand.item(), "yapo_loss": lib.item(), "preference_loss": full.item(),
+             "preference_loss_at_d_plus_1": yapo.preference_loss(model, sae, v_rand, batch, ref_w, ref_l, 1.0,
+                                                                 args)[0].item()},
+    "train_loss": loss, "batches_per_epoch": batches_per_epoch, "rows": results["rows"], "reads": reads,
+    "v_l0": (v != 0).sum().item(), "never_active": ((v != 0) & ~active).sum().item(),
+    "pruned": pruned | {"all": r}}))
+"""
+
+
+def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(NOTEBOOK_VALUES))        # in memory only: the file stays as it is
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}})
+    try:                                                   # raises CellExecutionError at the first failing cell
+        client.execute(env=os.environ | {"YAPO_TINY": "1", "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"})
+    finally:
+        nbformat.write(nb, tmp_path / "tutorial.executed.ipynb")   # for a look after a failure
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    got = json.loads(next(o.text for o in nb.cells[-1].outputs if o.get("name") == "stdout").splitlines()[-1])
+
+    assert got["config"] == "tiny"                                 # YAPO_TINY=1 chose the offline toy
     # Eq. 3: the one-decode form equals Eq. 3 as written, v = 0 is exact, the hook matches yapo.steer
-    diff, scale = map(float, re.search(rf"one-decode vs two-decode form: max \|diff\| = {NUMBER}  "
-                                       rf"\(max \|h\| = {NUMBER}\)", text).groups())
-    assert diff <= 1e-4 * scale
-    assert "torch.equal(yapo.steer(h, 0, d*lam, sae), h) = True" in text
-    assert float(re.search(rf"hook inside the model vs yapo.steer: max \|diff\| = {NUMBER}", text)[1]) <= 1e-6
-    # Eq. 4: by hand == yapo_loss == preference_loss for both directions, and the random v changed the loss
-    losses = re.findall(rf"d = ([+-]1): by hand {NUMBER} \| yapo_loss {NUMBER} \| preference_loss {NUMBER}", text)
-    assert sorted(d for d, *_ in losses) == ["+1", "-1"]
-    for _, by_hand, lib, full in losses:
-        assert float(lib) == pytest.approx(float(by_hand), abs=1e-5)
-        assert float(full) == pytest.approx(float(by_hand), abs=1e-5)
-        assert abs(float(by_hand) - math.log(2)) > 1e-4
+    assert got["one_vs_two_decodes"] <= 1e-4 * got["max_abs_h"]
+    assert got["v0_unchanged"] is True and got["hook_vs_steer"] <= 1e-6
+    # Eq. 4: by hand == yapo_loss == preference_loss, and the random v changed the loss in both directions
+    loss = got["loss"]
+    assert loss["d"] == -1.0
+    assert loss["yapo_loss"] == pytest.approx(loss["by_hand"], abs=1e-5)
+    assert loss["preference_loss"] == pytest.approx(loss["by_hand"], abs=1e-5)
+    assert min(abs(loss["by_hand"] - math.log(2)), abs(loss["preference_loss_at_d_plus_1"] - math.log(2))) > 1e-4
     # training lowered the loss; the evaluated behaviour score rises with the multiplier
-    first, last = map(float, re.search(rf"mean loss in the first epoch {NUMBER}, in the last {NUMBER}", text).groups())
-    assert last < first
-    table = next(o.text for c in nb.cells for o in c.get("outputs", [])
-                 if o.output_type == "stream" and "multiplier  behavior  accuracy  drift KL   margin" in o.text)
-    rows = [list(map(float, r)) for r in re.findall(rf"^\s*{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}(?=\s|$)",
-                                                    table, re.M)]
-    assert len(rows) >= 3 and rows[-1][4] > rows[0][4]            # the log-prob margin rises with m
-    assert next(r for r in rows if r[0] == 0.0)[3] == 0.0         # no drift without steering
-    score = {r[0]: r[1] for r in rows}                            # the toy steers pairs about items it never saw
-    assert score[-1.0] < score[0.0] < score[1.0]
-    assert "fires most on" in text and re.search(r"\[[^\]]+\]", text)   # what each top latent reads
+    n, train_loss = got["batches_per_epoch"], got["train_loss"]
+    assert sum(train_loss[-n:]) < sum(train_loss[:n])              # the last epoch's mean below the first's
+    rows = {r["multiplier"]: r for r in got["rows"]}
+    assert len(rows) >= 3 and rows[max(rows)]["margin"] > rows[min(rows)]["margin"]   # the margin rises with m
+    assert rows[0.0]["drift_kl"] == 0.0                            # no drift without steering
+    assert rows[-1.0]["behavior_score"] < rows[0.0]["behavior_score"] < rows[1.0]["behavior_score"]   # unseen items
+    contexts = [c["context"] for reads in got["reads"].values() for c in reads]
+    assert contexts and all(re.search(r"\[[^\]]+\]", c) for c in contexts)   # what each top latent reads
     # sparsity: v uses only latents that fire on the training data
-    assert re.search(r"latents with v_i != 0: \d+; of those, never active: 0\b", text)
-    # pruning: three rows of scores in [0, 1], the same unsteered score for every K
-    pruned = re.findall(rf"^\s*(8|32|all \(\d+\))\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", text, re.M)
-    assert [p[0] for p in pruned][:2] == ["8", "32"] and len(pruned) == 3
-    assert all(0 <= float(x) <= 1 for p in pruned for x in p[1:4]) and len({p[2] for p in pruned}) == 1
-    # every plot was drawn
-    pngs = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    assert pngs >= 5
-    assert text.count("not solved yet") >= 2          # the exercises check themselves, unsolved included
+    assert got["v_l0"] > 0 and got["never_active"] == 0
+    # pruning: scores in [0, 1] for K = 8, 32 and all, the same unsteered score for every K, and K = all is v itself
+    pruned = got["pruned"]
+    assert list(pruned) == ["8", "32", "all"]
+    assert all(0 <= x["behavior_score"] <= 1 for rows_k in pruned.values() for x in rows_k)
+    assert len({rows_k[1]["behavior_score"] for rows_k in pruned.values()}) == 1      # m = 0
+    assert [x["behavior_score"] for x in pruned["all"]] == [rows[m]["behavior_score"] for m in (-1.0, 0.0, 1.0)]
+    # every plot was drawn; the exercises check themselves, unsolved included
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+    assert sum(o.text.count("not solved yet") for o in outputs if o.get("name") == "stdout") >= 2
 
 
 def test_notebook_creates_every_tensor_on_the_models_device():
