@@ -1,10 +1,13 @@
-"""Smoke tests of the benchmark scripts: each runs in --quick mode in a process of its own (no GPU, no hub) and
-must write every JSON field it documents; values that can be checked independently and cheaply are checked too.
+"""Smoke tests of the benchmark scripts: each runs in --quick mode (on the CPU, no hub) and must write every JSON
+field it documents; values that can be checked independently and cheaply are checked too. They run through their
+main(argv) in this process (a new Python process would import torch, transformers and sae-lens again, ~6 s), except
+bench_train_step.py, which forks a child per variant and so runs in a process of its own.
 
     python -m pytest -q benchmarks/test_benchmarks.py
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -18,19 +21,30 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ["none", "CAA", "SAS", "BiPO", "YaPO"]
+sys.path.insert(0, str(HERE))                     # the scripts import their neighbour common.py
+
+
+def quick_main(folder, script, *extra):
+    """benchmarks/SCRIPT's --quick mode through its main(argv), writing its JSON into FOLDER: that JSON."""
+    importlib.import_module(script).main(["--quick", "--out", str(folder / "out.json"), *extra])
+    return quick_json(folder)
 
 
 def quick_run(folder, script, *extra):
     """`python benchmarks/SCRIPT --quick` in a process of its own, in FOLDER, offline and on the CPU; it must
-    succeed: (its JSON, its stdout)."""
+    succeed: its JSON."""
     done = subprocess.run([sys.executable, str(HERE / script), "--quick", "--out", str(folder / "out.json"), *extra],
                           cwd=folder, capture_output=True, text=True, timeout=600, env=os.environ | {
                               "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return quick_json(folder)
+
+
+def quick_json(folder):
     data = json.loads((folder / "out.json").read_text())
     assert data["quick"] is True
     assert "never real behaviour" in data["note"]
-    return data, done.stdout
+    return data
 
 
 def has(d, keys):
@@ -42,10 +56,11 @@ def close(a, b, tol=1e-6):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-def test_compare_methods_quick(tmp_path):
+def test_compare_methods_quick(tmp_path, capsys):
     # culture_egypt: its MCQ rows with both forms exercise the MCQ accuracy, RCA and PNLG columns too;
     # --kl 0.002: some method crosses it in the sweep
-    data, stdout = quick_run(tmp_path, "compare_methods.py", "--behavior", "culture_egypt", "--kl", "0.002")
+    data = quick_main(tmp_path, "compare_methods", "--behavior", "culture_egypt", "--kl", "0.002", "--device", "cpu")
+    stdout = capsys.readouterr().out
     has(data, ["benchmark", "quick", "tiny", "mechanics_only", "setup", "behavior", "seed", "kl_threshold", "shapes",
                "args", "machine", "methods", "table", "markdown", "note"])
     assert data["tiny"] and data["mechanics_only"] and "MECHANICS ONLY" in data["note"]
@@ -100,7 +115,6 @@ def test_compare_methods_quick(tmp_path):
 
 
 def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
-    sys.path.insert(0, str(HERE))
     import compare_methods
     with pytest.raises(SystemExit):
         compare_methods.main(["--help"])
@@ -116,8 +130,7 @@ def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
 
 @pytest.mark.parametrize("script", ["bench_convergence", "bench_pruning", "bench_train_step"])
 def test_a_local_model_without_its_layer_or_sae_is_refused_before_any_work(script, capsys):
-    sys.path.insert(0, str(HERE))
-    main = __import__(script).main
+    main = importlib.import_module(script).main
     with pytest.raises(SystemExit):
         main(["--model", "some/folder", "--sae", "some/sae"])
     assert "--model needs --layer" in capsys.readouterr().err
@@ -127,7 +140,7 @@ def test_a_local_model_without_its_layer_or_sae_is_refused_before_any_work(scrip
 
 
 def test_pruning_quick(tmp_path):
-    data, _ = quick_run(tmp_path, "bench_pruning.py")
+    data = quick_main(tmp_path, "bench_pruning")
     has(data, ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"])
     d_sae = data["shapes"]["d_sae"]
     assert [str(r["k"]) for r in data["rows"]] == ["8", "32", "128", f"all ({d_sae})"]
@@ -144,7 +157,7 @@ def test_pruning_quick(tmp_path):
 
 
 def test_convergence_quick(tmp_path):
-    data, _ = quick_run(tmp_path, "bench_convergence.py")
+    data = quick_main(tmp_path, "bench_convergence")
     has(data, ["benchmark", "quick", "shapes", "machine", "decoder_row_norm", "summary", "curves", "png", "note"])
     shapes = data["shapes"]
     assert {(s["size"], s["method"]) for s in data["summary"]} == {
@@ -164,7 +177,7 @@ def test_convergence_quick(tmp_path):
 
 
 def test_evaluate_quick(tmp_path):
-    data, _ = quick_run(tmp_path, "bench_evaluate.py")
+    data = quick_main(tmp_path, "bench_evaluate")
     has(data, ["benchmark", "quick", "model", "shapes", "machine", "variants", "naive_vs_yapo_max_abs_difference",
                "target", "note"])
     assert data["naive_vs_yapo_max_abs_difference"] < 1e-4             # the same metrics, computed two ways
@@ -183,7 +196,7 @@ def test_evaluate_quick(tmp_path):
 
 
 def test_train_step_quick(tmp_path):
-    data, _ = quick_run(tmp_path, "bench_train_step.py")
+    data = quick_run(tmp_path, "bench_train_step.py")
     assert set(data) == {"benchmark", "quick", "shapes", "machine", "measured", "variants", "ratios", "targets",
                          "b_c_loss_max_abs_difference", "authors_trainer_same_machine", "note"}
     # the authors' trainer was timed by hand: the output quotes that record, how it was taken included
@@ -207,7 +220,7 @@ def test_train_step_quick(tmp_path):
 
 
 def test_generate_quick(tmp_path):
-    data, _ = quick_run(tmp_path, "bench_generate.py")
+    data = quick_main(tmp_path, "bench_generate")
     has(data, ["benchmark", "quick", "shapes", "machine", "measured", "unsteered_ms_per_token", "variants",
                "target", "note"])
     shapes = data["shapes"]
