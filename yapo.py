@@ -53,8 +53,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
-from sae_lens import SAE
-
 FORMAT_VERSION = "yapo-vector/1"
 
 
@@ -1114,6 +1112,7 @@ def load_model(name, device, dtype):
 
 
 def load_sae(name, sae_id, device, dtype):
+    from sae_lens import SAE              # here: importing sae-lens (and TransformerLens) takes 5 s a refused run skips
     try:
         if Path(name).is_dir():
             return SAE.load_from_disk(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
