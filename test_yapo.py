@@ -405,7 +405,7 @@ def trained(tiny, pairs, tmp_path_factory):
                      max_new_tokens=4)
     path = tmp_path_factory.mktemp("run") / "vector.safetensors"
     v, history = yapo.train(model, tok, sae, pairs[0], args, save_to=path)
-    return {"v": v, "history": history, "args": args, "path": path, "before": before}
+    return {"v": v, "history": history, "args": args, "path": path, "before": before, "pairs": pairs[0]}
 
 
 def test_training_leaves_every_model_and_sae_weight_unchanged(tiny, trained):
@@ -442,11 +442,13 @@ def test_directions_are_drawn_once_per_batch_from_both_signs(trained):
     """Replays the documented draw: per epoch a permutation, then one d per batch from the same generator."""
     gen, expected = torch.Generator().manual_seed(trained["args"].seed), []
     for _ in range(trained["args"].epochs):
-        torch.randperm(37, generator=gen)
-        expected += [1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0 for _ in range(math.ceil(37 / 4))]
+        torch.randperm(len(trained["pairs"]), generator=gen)
+        expected += [1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0
+                     for _ in range(math.ceil(len(trained["pairs"]) / 4))]
     ds = [h["d"] for h in trained["history"]]
     assert ds == expected
-    assert all({-1.0, 1.0} == set(ds[e * 10:(e + 1) * 10]) for e in range(4))   # both signs within each epoch
+    per_epoch = math.ceil(len(trained["pairs"]) / 4)
+    assert all({-1.0, 1.0} == set(ds[e * per_epoch:(e + 1) * per_epoch]) for e in range(4))   # both signs per epoch
 
 
 def test_gradient_accumulation_steps_once_per_group_and_draws_d_per_micro_batch(tiny, pairs, args):
@@ -886,7 +888,7 @@ def test_mcq_generate_counts_unparseable_answers_as_wrong(tiny, args, monkeypatc
 
 def test_open_ended_culture_answers_are_generated_for_a_judge(tiny, args):
     model, tok, sae = tiny
-    test = load("culture_lebanon", format="open")[1]
+    test = load("culture_lebanon", format="open")[0][:4]          # the sample's open rows are all training rows
     result = yapo.evaluate(model, tok, sae, torch.zeros(sae.cfg.d_sae), test,
                            replace(args, multipliers=[0.0, 1.0], n_generations=1))
     assert len(result["generations"]) == 2 * len(test)
@@ -977,7 +979,7 @@ def test_sample_data_has_every_behavior_with_at_least_40_pairs():
         counts[r["behavior"]] = counts.get(r["behavior"], 0) + 1
     assert set(counts) >= {"power_seeking", "wealth_seeking", "hallucination", "jailbreak", "culture_morocco",
                            "culture_egypt", "culture_lebanon"}
-    assert min(counts.values()) >= 40
+    assert min(n for b, n in counts.items() if b != "toy_sentiment_novel") >= 40   # that one: a held-out probe
 
 
 def test_sample_culture_data_has_both_forms_and_implicit_cues_only():
@@ -1621,7 +1623,7 @@ def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
         loc, non = q["accuracy_localized"], q["accuracy_nonlocalized"]
         assert q["n"] == 2 * q["groups"] and q["pnlg"] == pytest.approx(2 * (loc - non), abs=1e-6)
         assert max(0.0, loc + non - 1) - 1e-9 <= q["rca"] <= min(loc, non) + 1e-9
-        assert q["per_country"] == {"egypt": {k: x for k, x in q.items() if k != "per_country"}}   # one country
+        assert q["per_country"] == {"egypt": {k: x for k, x in q.items() if k not in ("per_country", "correct")}}   # one country
     lam = float(re.search(r"--lam auto: lam = ([\d.e+-]+)", stdout)[1])   # measured, printed and stored
     assert results["args"]["lam"] == pytest.approx(lam, rel=1e-3) and lam > 0 and results["train"]
     assert (results["device"], results["dtype"]) == ("cpu", "float32")
