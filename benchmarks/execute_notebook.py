@@ -34,7 +34,7 @@ def main(config="local"):
             f"transformers {cpu['transformers']}.")
     first = nb.cells[0].source
     nb.cells[0].source = TIMING.sub(line, first) if TIMING.search(first) else first.replace(
-        "Regenerate them with", line + "\nRegenerate them with", 1)
+        "this file, with how long the run took.", "this file. " + line, 1)
     nbformat.write(nb, NOTEBOOK)
     print(f"wrote {NOTEBOOK} ({line})")
 
