@@ -1750,3 +1750,11 @@ def test_notebook_creates_every_tensor_on_the_models_device():
         for line in "".join(cell["source"]).splitlines():
             if re.search(r"torch\.(randn|rand|randint|zeros|ones|full|empty|arange|linspace|tensor)\(", line):
                 assert "device=" in line or ".to(model.device)" in line, line
+
+
+def test_the_notebooks_colab_cell_installs_the_versions_requirements_txt_pins():
+    nb = json.loads((ROOT / "tutorial.ipynb").read_text(encoding="utf-8"))
+    colab = next("".join(c["source"]) for c in nb["cells"] if "google.colab" in "".join(c["source"]))
+    pins = re.findall(r'"([a-z-]+[<>=][^"]*)"', colab)
+    required = {line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
+    assert pins and all(pin in required for pin in pins), (pins, required)
