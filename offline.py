@@ -8,7 +8,6 @@ import platform
 import random
 
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
 
 GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py sends one user turn)
@@ -122,6 +121,8 @@ def train_sae(h, layer, d_sae, k, steps, lr=2e-3, batch_size=512, seed=0, model_
         threshold = torch.where(fires > 0, threshold, ranked[-1] + 1).clamp(min=0)      # never fired: stays off
         state = {"W_dec": W_dec, "W_enc": W_enc, "b_enc": b_enc * scale, "b_dec": b_dec * scale,
                  "threshold": threshold}
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig   # here: importing sae-lens takes seconds
+
     sae = JumpReLUSAE(JumpReLUSAEConfig.from_dict({"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae,
                                                    "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post",
                                                                 "model_name": model_name}}))

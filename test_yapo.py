@@ -6,6 +6,7 @@ and of the notebook start their run in a process of their own.
 Run: python -m pytest -q test_yapo.py (the README has the command for the whole suite, on every core)"""
 
 import copy
+import functools
 import json
 import math
 import os
@@ -54,8 +55,8 @@ def pairs():
 @pytest.fixture(scope="session")
 def tiny(pairs):
     """The tiny model, tokenizer and SAE of --tiny, on the power_seeking training pairs; its language model gets
-    half of --tiny's training, since these tests check mechanics, not what it learns (see `toy`)."""
-    return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=128_000)
+    a quarter of --tiny's training, since these tests check mechanics, not what it learns (see `toy`)."""
+    return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=64_000)
 
 
 @pytest.fixture(scope="session")
@@ -1586,12 +1587,19 @@ def test_the_toy_runs_on_one_thread_and_the_avx2_kernels_whatever_the_cpu_offers
     assert torch.get_num_threads() == 1 and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
-def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp_path):
-    """`python yapo.py --tiny`, recomputed independently from its saved vector with the model rebuilt here: the
-    held-out behaviour score rises from m = -1 to 0 to +1."""
-    stdout, run = finished_run(tmp_path, "--tiny", "--data", DATA)
+def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp_path, capsys, monkeypatch):
+    """`python yapo.py --tiny`, recomputed independently from its saved vector: the held-out behaviour score rises
+    from m = -1 to 0 to +1. It runs in this process, which is pinned as `python yapo.py --tiny` pins itself, and
+    hands main the toy the `toy` fixture built with the same call, so that the toy is built once."""
+    train, test, model, tok, sae = toy
+
+    def same_toy(pairs, seed):
+        assert pairs == train and seed == 0                       # the call main would make
+        return model, tok, sae
+    monkeypatch.setattr(yapo, "tiny_setup", same_toy)
+    yapo.main(["--tiny", "--data", str(DATA), "--out-dir", str(tmp_path / "runs")])
+    stdout, (run,) = capsys.readouterr().out, (tmp_path / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
-    _, test, model, tok, sae = toy
     args = yapo.Args(**{k: results["args"][k] for k in ("mode", "model", "layer", "sae", "sae_id")})
     v, lam = yapo.load_vector(run / "vector.safetensors", args, sae, model.config.hidden_size)
     rows = {r["multiplier"]: r for r in results["eval"]["rows"]}
@@ -1609,9 +1617,12 @@ def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp
     assert table in stdout                                        # the README's table is what a fresh clone prints
 
 
-def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path):
-    stdout, run = finished_run(tmp_path, "--tiny", "--data", DATA, "--n-generations", "0", "--epochs", "1",
-                               "--behavior", "culture_egypt", "--format", "mcq", "--multipliers", "-1", "1")
+def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path, capsys, monkeypatch):
+    # in this process, with the toy's language model on a tenth of its tokens: the metrics' mechanics, not its skill
+    monkeypatch.setattr(yapo, "tiny_setup", functools.partial(yapo.tiny_setup, lm_tokens=25_600))
+    yapo.main(["--tiny", "--data", str(DATA), "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
+               "--format", "mcq", "--multipliers", "-1", "1", "--out-dir", str(tmp_path / "runs")])
+    stdout, (run,) = capsys.readouterr().out, (tmp_path / "runs").iterdir()
     assert "At this size culture_egypt shows the mechanics only" in stdout
     assert re.search(r"multiplier .*MCQ acc .*loc .*non-loc .*RCA .*PNLG", stdout)
     results = json.loads((run / "results.json").read_text())

@@ -24,7 +24,9 @@ from contextlib import contextmanager
 
 import common  # first: puts the repository root on sys.path and silences progress bars
 
+import sae_lens  # noqa: E402, F401  (imported here, before the forks: every child inherits it instead of paying ~5 s)
 import torch  # noqa: E402
+import transformers.models.gemma2.modeling_gemma2  # noqa: E402, F401  (likewise)
 import yapo  # noqa: E402
 
 FULL = {"vocab_size": 256_000, "hidden_size": 256, "layers": 4, "layer": 2, "d_sae": 4096, "l0": 50,
@@ -164,7 +166,7 @@ def run_variant(name, shapes):
 
 
 def in_child(name, shapes):
-    """Fork, not spawn: the child inherits the imported modules (importing them costs ~10 s), and the parent
+    """Fork, not spawn: the child inherits the modules imported above (importing them costs ~10 s), and the parent
     has not run any torch op yet, so no OpenMP threads exist to be broken by the fork."""
     with multiprocessing.get_context("fork").Pool(1) as pool:
         return pool.apply(run_variant, (name, shapes))

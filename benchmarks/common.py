@@ -102,10 +102,10 @@ def random_sae(d_in, d_sae, layer, seed=0, decoder_norm=1.0, model_name="random-
     encoder = their unit directions transposed, thresholds 0 (see calibrate_thresholds). The benchmarks keep
     their own copy, so that they measure the same random SAE whatever yapo.py's offline stand-ins become."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
     g = torch.Generator().manual_seed(seed)
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
-        hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)))
+    sae = JumpReLUSAE(JumpReLUSAEConfig.from_dict({"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae,
+                                                   "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post",
+                                                                "model_name": model_name}}))
     directions = torch.randn(d_sae, d_in, generator=g)
     directions /= directions.norm(dim=1, keepdim=True)
     sae.load_state_dict({"W_dec": directions * decoder_norm, "W_enc": directions.T.contiguous(),

@@ -114,11 +114,12 @@ class Where:
 
 
 def where(tiny, results=None):
-    if tiny:
-        return Where(True, Path(results or common.RESULTS / "quick" / "sweep").resolve(), ["--tiny", "--epochs", "1"],
-                     {"toy_sentiment": []}, 4, CONVERGENCE | {"behavior": "toy_sentiment", "epochs": 1})
-    folder = Path(results or common.RESULTS / "local" / "sweep").resolve()
+    results = results and Path(results).resolve()
     os.chdir(common.ROOT)       # as local_gemma3.compare_all: the JSON names the folders as a clone has them
+    if tiny:
+        return Where(True, results or common.RESULTS / "quick" / "sweep", ["--tiny", "--epochs", "1"],
+                     {"toy_sentiment": []}, 4, CONVERGENCE | {"behavior": "toy_sentiment", "epochs": 1})
+    folder = results or common.RESULTS / "local" / "sweep"
     flags = [os.path.relpath(f) if f.startswith(str(common.ROOT)) else f for f in local_gemma3.FLAGS]
     return Where(False, folder,
                  flags + local_gemma3.chosen_settings() + ["--sas-tau", str(local_gemma3.SAS_TAU)],

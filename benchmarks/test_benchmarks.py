@@ -24,6 +24,14 @@ METHODS = ["none", "CAA", "SAS", "BiPO", "YaPO"]
 sys.path.insert(0, str(HERE))                     # the scripts import their neighbour common.py
 
 
+@pytest.fixture(autouse=True)
+def full_toy_after_each_test(monkeypatch):
+    """--quick runs shrink the toy's language model in this process (common.shrink_tiny_lm); undo that after each
+    test, so that a test of test_yapo.py run later by the same pytest worker builds `yapo.py --tiny`'s own toy."""
+    import yapo
+    monkeypatch.setattr(yapo, "tiny_setup", yapo.tiny_setup)
+
+
 def quick_main(folder, script, *extra):
     """benchmarks/SCRIPT's --quick mode through its main(argv), writing its JSON into FOLDER: that JSON."""
     importlib.import_module(script).main(["--quick", "--out", str(folder / "out.json"), *extra])
@@ -236,25 +244,25 @@ def test_generate_quick(tmp_path):
     assert close(data["unsteered_ms_per_token"], 1000 * unsteered["median_s"] / shapes["new_tokens"])
 
 
-def test_sweep_tiny_resumes_and_reports(tmp_path):
+def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     """benchmarks/sweep.py on the toy: a second run finds every unit and rewrites none, and the report's YaPO minus
     BiPO at equal drift is the mean (and 1.96 standard errors) of per-pair differences computed here from the units."""
-    import subprocess
     folder = tmp_path / "sweep"
-    sweep = lambda *a: subprocess.run([sys.executable, str(HERE / "sweep.py"), *a, "--tiny", "--seeds", "0", "1",
-                                       "--results", str(folder)], capture_output=True, text=True, timeout=300)
-    first = sweep("run")
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    monkeypatch.chdir(ROOT)                                        # sweep.py moves there; come back after
+
+    def sweep(*argv):                                              # its main(argv), as quick_main: stdout
+        importlib.import_module("sweep").main([*argv, "--tiny", "--seeds", "0", "1", "--results", str(folder)])
+        return capsys.readouterr().out
+
+    sweep("run")
     units = sorted(folder.rglob("*.json"))
     assert sorted(p.name for p in units) == sorted(["none.json", "CAA.json", "SAS.json"] + [
         f"{m}_seed{s}.json" for m in ("BiPO", "YaPO") for s in (0, 1)])
     mtimes = [p.stat().st_mtime_ns for p in units]
-    second = sweep("run")
-    assert second.returncode == 0 and "ran 0 units, skipped 7 that exist" in second.stdout, second.stderr[-3000:]
+    assert "ran 0 units, skipped 7 that exist" in sweep("run")
     assert [p.stat().st_mtime_ns for p in units] == mtimes
     kl = 0.001                                                  # the toy's trained vectors cross it by m = 4
-    report = sweep("report", "--kl", str(kl))
-    assert report.returncode == 0, report.stderr[-3000:]
+    sweep("report", "--kl", str(kl))
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["units"] == 7 and data["missing"] == []
 
