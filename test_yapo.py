@@ -440,6 +440,25 @@ def test_same_seed_gives_the_identical_vector_and_another_seed_does_not(tiny, pa
     assert not torch.equal(other, a)
 
 
+def test_reference_log_probs_given_to_train_are_used_as_they_are_and_not_recomputed(tiny, pairs, trained,
+                                                                                  monkeypatch):
+    """The sweep computes log p_0 once per behaviour: train with them equals train without, and runs no extra pass;
+    shifted by a constant per pair, they change the loss (so train does read them)."""
+    model, tok, sae = tiny
+    short = replace(trained["args"], epochs=1)
+    ref_w, ref_l = yapo.reference_logprobs(model, tok, pairs[0], short)
+    independent = [yapo.pair_logprobs(model, [yapo.tokenize_pair(tok, p)], 1, tok.pad_token_id) for p in pairs[0][:3]]
+    assert torch.allclose(ref_w[:3], torch.cat([w for w, _ in independent]), atol=1e-4)   # one pair at a time
+    own, own_history = yapo.train(model, tok, sae, pairs[0], short)
+    passes = []
+    monkeypatch.setattr(yapo, "reference_logprobs", lambda *a: passes.append(a))
+    given, given_history = yapo.train(model, tok, sae, pairs[0], short, reference=(ref_w, ref_l))
+    assert passes == [] and torch.equal(given, own)
+    assert [h["loss"] for h in given_history] == [h["loss"] for h in own_history]
+    _, shifted = yapo.train(model, tok, sae, pairs[0], short, reference=(ref_w + 1.0, ref_l))
+    assert shifted[0]["loss"] == pytest.approx(-F.logsigmoid(torch.tensor(-shifted[0]["d"] * short.beta)).item())
+
+
 def test_directions_are_drawn_once_per_batch_from_both_signs(trained):
     """Replays the documented draw: per epoch a permutation, then one d per batch from the same generator."""
     gen, expected = torch.Generator().manual_seed(trained["args"].seed), []

@@ -299,19 +299,26 @@ def auto_lam(model, tok, sae, pairs, args):
     return z[z > 0].median().item()
 
 
-def train(model, tok, sae, pairs, args, save_to=None):
-    """Learn v on `pairs`. sae=None trains the dense BiPO vector. Returns (v, history of per-batch dicts)."""
+def reference_logprobs(model, tok, pairs, args):
+    """log p_0(y_w|x) and log p_0(y_l|x) of every pair [n], [n]: the frozen model with steering off."""
+    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
+    with torch.no_grad():
+        return pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
+
+
+def train(model, tok, sae, pairs, args, save_to=None, reference=None):
+    """Learn v on `pairs`. sae=None trains the dense BiPO vector. Returns (v, history of per-batch dicts).
+    `reference`: reference_logprobs of these pairs if already computed (they are the same for every vector)."""
     device = model.device
     model.requires_grad_(False).eval()
     if sae is not None:
         sae.requires_grad_(False)
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     n = len(tokenized)
-    if args.reference == "unsteered":       # p_0 never changes: its log-probs once, not a forward per step
-        with torch.no_grad():
-            ref_w, ref_l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
-    else:                                                         # --reference none: no reference term
+    if args.reference == "none":                                  # --reference none: no reference term
         ref_w = ref_l = torch.zeros(n, device=device)
+    else:                                   # p_0 never changes: its log-probs once, not a forward per step
+        ref_w, ref_l = reference if reference is not None else reference_logprobs(model, tok, pairs, args)
 
     size = sae.cfg.d_sae if sae is not None else model.config.hidden_size
     v = torch.zeros(size, device=device, dtype=torch.float32, requires_grad=True)   # v = 0: start unsteered

@@ -62,11 +62,9 @@ validation and best_lr, 105 minutes in all on an idle machine (2 calls of `conve
 hours shared). Loading the model and SAE: under a minute per call.
 
 What is reused: the model and SAE are loaded once per process (and only when a unit needs them, so a call that
-finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed. Not cached: the
-reference log-probs log p_0(y|x) of the training pairs, which yapo.train computes itself at the start of every run
-(one forward without gradients over the training pairs, about a twelfth of a 4-epoch training run); caching them
-across BiPO, YaPO and the seeds would need a change to yapo.train, so the sweep pays for them each time. Likewise
-evaluate's unsteered next-token distributions (one prompt pass per unit).
+finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed; the reference log-probs
+log p_0(y|x) of the training pairs once per behaviour and call, for every BiPO and YaPO unit (yapo.train's
+`reference`). Not cached: evaluate's unsteered next-token distributions (one prompt pass per unit).
 """
 
 import argparse
@@ -147,7 +145,14 @@ class Loaded:
     built on a behaviour's training pairs, so once per behaviour)."""
 
     def __init__(self, env):
-        self.env, self.key, self.value = env, None, None
+        self.env, self.key, self.value, self.references = env, None, None, {}
+
+    def reference(self, behavior, model, tok, train, args):
+        """The training pairs' reference log-probs, once per behaviour and process: every BiPO and YaPO unit of a
+        behaviour trains on the same pairs with the same frozen model (yapo.train(..., reference=...))."""
+        if behavior not in self.references:
+            self.references[behavior] = yapo.reference_logprobs(model, tok, train, args)
+        return self.references[behavior]
 
     def get(self, behavior):
         key = behavior if self.env.tiny else "local"
@@ -216,12 +221,13 @@ def unit_path(folder, behavior, method, seed):
     return folder / behavior / (f"{method}.json" if seed is None else f"{method}_seed{seed}.json")
 
 
-def build(method, model, tok, sae, train, args, tiny):
-    """compare_methods.build, except that BiPO and YaPO keep the loss of every training step."""
+def build(method, model, tok, sae, train, args, tiny, reference=None):
+    """compare_methods.build, except that BiPO and YaPO keep the loss of every training step (and take the
+    reference log-probs computed once for the behaviour)."""
     if method not in TRAINED:
         return compare_methods.build(method, model, tok, sae, train, args, tiny, sas_tau_given=not tiny)
     hook_sae = sae if method == "YaPO" else None
-    v, history = yapo.train(model, tok, hook_sae, train, args)
+    v, history = yapo.train(model, tok, hook_sae, train, args, reference=reference)
     return v, hook_sae, {"steps": len(history), "final_loss": history[-1]["loss"],
                          "losses": [round(h["loss"], 5) for h in history]}
 
@@ -236,8 +242,9 @@ def sweep_unit(env, loaded, behavior, method, seed):
         args.lam = 1.0                                             # v = 0: lam changes nothing
     if args.lam == "auto":                                         # per method: latents and h differ in scale
         args.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(args.mode) else None, train, args)
-    t0 = time.perf_counter()
-    v, hook_sae, extra = build(method, model, tok, sae, train, args, env.tiny)
+    t0 = time.perf_counter()                                       # the first trained unit also pays for p_0
+    reference = loaded.reference(behavior, model, tok, train, args) if method in TRAINED else None
+    v, hook_sae, extra = build(method, model, tok, sae, train, args, env.tiny, reference)
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
     if method == "none":                                           # v = 0: every m gives m = 0's numbers
