@@ -61,6 +61,11 @@ them), each evaluated at 3 multipliers (44 or 12 pairs): about 6.7, 4.3 and 6.7 
 validation and best_lr, 105 minutes in all on an idle machine (2 calls of `convergence --minutes 60`; about 4
 hours shared). Loading the model and SAE: under a minute per call.
 
+MEASURED on sentiment (the 9 units in 48 minutes, 2 cores, now and then shared with lighter work): BiPO and YaPO
+3.7-4.1 minutes to build (60 steps: 3.7-4.1 s a step, not 2.6) and 2.4-2.7 to evaluate, 6.1-6.6 in all; CAA 5.3
+(1.3 + 4.0, the cores shared), SAS 3.3 (0.5 + 2.8), none 0.8. So about 1.2 times the estimate: some 6 hours for the
+whole sweep and 2 for convergence on idle cores.
+
 What is reused: the model and SAE are loaded once per process (and only when a unit needs them, so a call that
 finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed; the reference log-probs
 log p_0(y|x) of the training pairs once per behaviour and call, for every BiPO and YaPO unit (yapo.train's
