@@ -63,8 +63,9 @@ hours shared). Loading the model and SAE: under a minute per call.
 
 MEASURED on sentiment (the 9 units in 48 minutes, 2 cores, now and then shared with lighter work): BiPO and YaPO
 3.7-4.1 minutes to build (60 steps: 3.7-4.1 s a step, not 2.6) and 2.4-2.7 to evaluate, 6.1-6.6 in all; CAA 5.3
-(1.3 + 4.0, the cores shared), SAS 3.3 (0.5 + 2.8), none 0.8. So about 1.2 times the estimate: some 6 hours for the
-whole sweep and 2 for convergence on idle cores.
+(1.3 + 4.0, the cores shared), SAS 3.3 (0.5 + 2.8), none 0.8. On power_seeking (36 minutes): BiPO and YaPO 4.7-4.9
+minutes (48 steps at 2.3-2.6 s, then 2.7-3.0 to evaluate), CAA 3.3, SAS 3.2, none 0.6. So about 1.1 times the
+estimate: some 5½ hours for the whole sweep and 2 for convergence on idle cores.
 
 What is reused: the model and SAE are loaded once per process (and only when a unit needs them, so a call that
 finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed; the reference log-probs
