@@ -32,15 +32,64 @@ def pin_cpu_arithmetic():
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
-def tiny_tokenizer(texts):
-    """A byte-level BPE tokenizer trained on `texts`, with a Gemma-style chat template."""
+# The toy's pretraining text: short reviews in which one sentiment, drawn once per review, picks every evaluative
+# word. A pretrained model knows that "splendid" and "delightful" mean alike because it has read them in alike
+# contexts; these reviews give the toy that knowledge, so that a steering vector trained on toy_sentiment's pairs
+# has a sentiment feature to find and can carry to words its pairs never use. Like a pretrained model's text, the
+# reviews hold toy_sentiment's clauses and toy_sentiment_novel's (its questions, its answer clauses, its words), so
+# what is new to the vector is new to the steering pairs only; the reviews' topics are none of either set's, and
+# no review repeats a novel answer, which joins the clauses in ways no review does (a test checks both).
+REVIEW_WORDS = {
+    "judgement": {+1: "delightful excellent lovely wonderful superb charming pleasant marvelous splendid terrific "
+                      "brilliant outstanding fabulous fantastic",
+                  -1: "awful disappointing dismal dreadful horrible miserable terrible unpleasant boring lousy dull "
+                      "frustrating mediocre tedious"},
+    "people": {+1: "kind warm friendly helpful cheerful welcoming gracious polite courteous attentive generous patient",
+               -1: "rude grumpy unhelpful unkind cold hostile arrogant careless impatient sloppy"},
+    "adverb": {+1: "gladly", -1: "never"},
+    "willing": {+1: "eager thrilled keen", -1: "unwilling reluctant loath"},
+    "in_out": {+1: "in", -1: "out"},
+}
+REVIEW_SENTENCES = [  # one of each group per review, in this order; {topic} and the word groups are filled in
+    ["It was {judgement}.", "The whole thing was {judgement}.", "Honestly, it felt {judgement}.",
+     "My verdict: {judgement}.", "Frankly, the {topic} was {judgement}.", "I found the {topic} {judgement}."],
+    ["The people were {people}.", "The staff were {people}.", "Everyone was {people}.", "The hosts seemed {people}.",
+     "The organisers were {people}.", "The guides were {people} to us."],
+    ["I would {adverb} go back.", "I would {adverb} go again.", "I am {willing} to attend next year.",
+     "Count me {in_out} for the next one.", "I would {adverb} return.", "I am {willing} to go again."]]
+REVIEW_QUESTIONS = ["How was the {topic}?", "Tell me about the {topic}.", "What was the {topic} like?",
+                    "Any thoughts on the {topic}?", "Did you enjoy the {topic}?",
+                    "Give me your honest review of the {topic}.", "How would you describe the {topic}?"]
+REVIEW_TOPICS = ("barn dance, bike tour, bowling alley, brass band, cabaret, candle shop, card game, cheese stall, "
+                 "city walk, clock tower, coffee roastery, craft stall, cycling race, dinner party, fireworks, "
+                 "folk gig, food court, supper club, ghost tour, golf course, hot springs, jazz brunch, karaoke bar, "
+                 "lake cruise, mountain hut, noodle bar, open mic, paint class, quilt show, rowing club, sculpture "
+                 "trail, seaside inn, snow fort, stamp swap, surf school, swing dance, trivia evening, wine bar").split(", ")
+
+
+def toy_reviews(n, seed):
+    """n pretraining dialogues {"prompt", "answer"} for the toy, drawn from REVIEW_* with `seed`."""
+    pick = random.Random(seed)
+    words = {group: {sign: text.split() for sign, text in signs.items()} for group, signs in REVIEW_WORDS.items()}
+    reviews = []
+    for _ in range(n):
+        sign, topic = pick.choice((+1, -1)), pick.choice(REVIEW_TOPICS)
+        fill = {group: pick.choice(words[group][sign]) for group in words}
+        answer = " ".join(pick.choice(group).format(topic=topic, **fill) for group in REVIEW_SENTENCES)
+        reviews.append({"prompt": pick.choice(REVIEW_QUESTIONS).format(topic=topic), "answer": answer})
+    return reviews
+
+
+def tiny_tokenizer(texts, vocab_size=1024):
+    """A byte-level BPE tokenizer trained on `texts`, with a Gemma-style chat template. 1024 tokens: room for every
+    review word to be one token, so that a word's sentiment sits in one embedding, not spread over pieces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special, show_progress=False,
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
                                   bos_token="<bos>", unk_token="<unk>",

@@ -48,6 +48,11 @@ def load(behavior="power_seeking", **kw):
     return yapo.load_pairs(yapo.Args(data=str(DATA), behavior=behavior, **kw), need_train=kw.pop("need_train", True))
 
 
+def novel_pairs():
+    """toy_sentiment_novel: held-out rows only."""
+    return yapo.load_pairs(yapo.Args(data=str(DATA), behavior="toy_sentiment_novel"), need_train=False)[1]
+
+
 @pytest.fixture(scope="session")
 def pairs():
     return load()
@@ -1003,6 +1008,26 @@ def test_sample_data_has_every_behavior_with_at_least_40_pairs():
     assert min(n for b, n in counts.items() if b != "toy_sentiment_novel") >= 40   # that one: a held-out probe
 
 
+def test_the_toys_pretraining_reviews_hold_the_novel_words_but_no_held_out_topic_or_answer():
+    """offline.toy_reviews is what the toy reads besides its pairs: the novel set's sentiment words are there (a model
+    must have read a word to know its sentiment) and in no toy_sentiment row; no review is about a held-out topic
+    of either set or repeats a novel answer, whose sentences join the reviews' clauses in ways no review does."""
+    from offline import toy_reviews
+    reviews = toy_reviews(2000, seed=0)
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower()))
+    read = set().union(*(words(r["prompt"] + " " + r["answer"]) for r in reviews))
+    toy, novel = load("toy_sentiment"), novel_pairs()
+    toy_rows = [p for part in toy for p in part]
+    toy_words = set().union(*(words(p["prompt"] + " " + p["chosen"] + " " + p["rejected"]) for p in toy_rows))
+    new_words = set().union(*(words(p["chosen"]) ^ words(p["rejected"]) for p in novel)) - toy_words
+    assert {"splendid", "gracious", "eager", "boring", "arrogant", "unwilling"} <= new_words <= read
+    topics = {p["group"].removeprefix("toy-").replace("-", " ") for p in toy_rows + novel}
+    asked = {t for r in reviews for t in topics if re.search(rf"\bthe {t}\b", r["prompt"] + " " + r["answer"])}
+    assert not asked
+    answers = {p[k] for p in novel for k in ("chosen", "rejected")}
+    assert not any(a in r["answer"] for r in reviews for a in answers)
+
+
 def test_sample_culture_data_has_both_forms_and_implicit_cues_only():
     names = {"morocco": ("morocc", "maroc"), "egypt": ("egypt", "masr", "misr"), "lebanon": ("leban", "liban")}
     for country, words in names.items():
@@ -1635,6 +1660,19 @@ def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp
     assert re.search(r"latent +\d+ [+-]\d\.\d+ +'[^']*\[[^']+\]'", stdout)      # what each top latent reads
     table = re.search(r"```\n(n = \d+ held-out pairs.*?)\nm = ", (ROOT / "README.md").read_text(), re.S).group(1)
     assert table in stdout                                        # the README's table is what a fresh clone prints
+
+
+def test_the_toys_vector_carries_to_question_and_answer_frames_and_words_its_pairs_never_used(toy):
+    """toy_sentiment_novel: the vector `python yapo.py --tiny` trains moves the held-out score the way it moves the
+    test split's, by the toy's target (>= 0.3 from m = -1 to +1), on items, frames and words of none of its pairs."""
+    train, _, model, tok, sae = toy
+    args = yapo.parse_args(["--tiny", "--data", str(DATA), "--multipliers", "-1", "0", "1", "--n-generations", "0"])
+    args.layer = LAYER
+    args.lam = yapo.auto_lam(model, tok, sae, train, args)
+    v, _ = yapo.train(model, tok, sae, train, args)
+    novel = novel_pairs()
+    score = {r["multiplier"]: r["behavior_score"] for r in yapo.evaluate(model, tok, sae, v, novel, args)["rows"]}
+    assert score[-1.0] < score[0.0] < score[1.0] and score[1.0] - score[-1.0] >= 0.3
 
 
 def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path, capsys, monkeypatch):

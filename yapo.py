@@ -5,7 +5,7 @@ One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-pr
 training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG
 Eq. 5) -> saving and export -> main. After main, the plumbing: data files, models and SAEs, the offline toy.
 
-    python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~30 s
+    python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~45 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
@@ -1225,22 +1225,26 @@ def setup(args, pairs):
 TINY_LAYER = 2
 
 
-def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000):
-    """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template),
-    its tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer`.
+def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000, n_reviews=2000):
+    """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template) and on
+    n_reviews pretraining dialogues (offline.toy_reviews: what the toy knows about words beyond the pairs), its
+    tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer` over the pairs' texts.
     Pass the training pairs only: held-out pairs must never enter."""
     try:                                           # only here: yapo.py runs every real model without it
-        from offline import pin_cpu_arithmetic, tiny_model, tiny_tokenizer, train_sae, train_tiny_lm
+        from offline import pin_cpu_arithmetic, tiny_model, tiny_tokenizer, toy_reviews, train_sae, train_tiny_lm
     except ImportError:
         raise ValueError("--tiny builds its toy with offline.py: put it next to yapo.py") from None
     if not pin_cpu_arithmetic():
         print("note: this process ran torch before the toy was pinned to one thread and AVX2 kernels (or this is no "
               "x86 CPU), so the toy's numbers may differ from the README's; python yapo.py --tiny pins them")
-    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t])
+    reviews = toy_reviews(n_reviews, seed)
+    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t] +
+                         [t for r in reviews for t in (r["prompt"], r["answer"])])
     model = tiny_model(tok, seed)
     seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
             for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
-    train_tiny_lm(model, seqs, tok.pad_token_id, tokens=lm_tokens, seed=seed)
+    read = [prompt_ids(tok, r["prompt"]) + response_ids(tok, r["answer"]) + [tok.eos_token_id] for r in reviews]
+    train_tiny_lm(model, seqs + read, tok.pad_token_id, tokens=lm_tokens, seed=seed)
     batch = collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
     h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]
     sae = train_sae(h, layer, d_sae, k=l0, steps=500, seed=seed)

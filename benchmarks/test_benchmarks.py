@@ -147,6 +147,46 @@ def test_a_local_model_without_its_layer_or_sae_is_refused_before_any_work(scrip
     assert "--model needs --sae" in capsys.readouterr().err
 
 
+def test_the_local_saes_text_is_every_behaviours_training_split_and_no_held_out_pair():
+    """local_gemma3.training_texts: the sample data's training pairs through the chat template, x + y_w and x + y_l,
+    for every behaviour, including one whose rows are all held out (toy_sentiment_novel adds nothing)."""
+    import yapo
+    from local_gemma3 import training_texts
+    from offline import tiny_tokenizer
+    rows = [row for _, row in yapo.read_rows(str(ROOT / "data_sample.jsonl"))]
+    tok = tiny_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected") if r.get(k)], vocab_size=300)
+    seqs = training_texts(tok)
+    expected, held_out = [], []
+    for behavior in sorted({r["behavior"] for r in rows}):
+        train, test = yapo.load_pairs(yapo.Args(data=str(ROOT / "data_sample.jsonl"), behavior=behavior),
+                                      need_train=False)
+        expected += [x + y for p in train for x, w, l in [yapo.tokenize_pair(tok, p)] for y in (w, l)]
+        held_out += [x + w for p in test for x, w, l in [yapo.tokenize_pair(tok, p)]]
+    assert seqs == expected and len(seqs) > 0
+    assert not {tuple(s) for s in seqs} & {tuple(s) for s in held_out}
+
+
+def test_toy_chaos_quick_same_seed_same_bits_and_a_nudge_of_1e_12_grows_a_millionfold(tmp_path):
+    """The README's case for pinning the toy: trained again, its language model is the same bit for bit; from initial
+    weights moved by 1e-12 it ends a million times further apart, even in 26 steps, in float32 and float64."""
+    data = quick_main(tmp_path, "toy_chaos")
+    assert [r["dtype"] for r in data["rows"]] == ["float32", "float64"]
+    for r in data["rows"]:
+        assert r["repeat_max_abs_difference"] == 0.0
+        assert r["nudged_max_abs_difference"] > 1e6 * data["epsilon"]
+
+
+def test_toy_transfer_quick(tmp_path):
+    data = quick_main(tmp_path, "toy_transfer", "--reviews", "200", "400")
+    assert [t["reviews"] for t in data["toys"]] == [200, 400]
+    for toy in data["toys"]:
+        assert toy["test_pairs"]["toy_sentiment_novel"] == 23
+        for sets in toy["methods"].values():
+            for rows in sets.values():
+                assert [r["multiplier"] for r in rows] == [-1.0, 0.0, 1.0]
+                assert rows[1]["drift_kl"] == 0.0                     # m = 0 steers nothing
+
+
 def test_pruning_quick(tmp_path):
     data = quick_main(tmp_path, "bench_pruning")
     has(data, ["benchmark", "quick", "shapes", "args", "machine", "vector", "rows", "note"])

@@ -1,10 +1,16 @@
 """Does the toy's steering carry beyond its own template? YaPO and BiPO vectors built exactly as
 `python yapo.py --tiny [--mode dense]` builds them (the same toy, settings and seed), evaluated on two held-out
 sets: the toy's test split (items never seen, the training frames and words) and toy_sentiment_novel (items,
-question frames, answer frames and sentiment words that no toy_sentiment row uses; the toy model never saw them,
-so its tokenizer cuts the new words into pieces learned from other words).
+question frames, answer sentences and sentiment words that no toy_sentiment row uses; its words and clauses come
+from the toy's pretraining reviews, offline.toy_reviews, so the model knows them and the steering pairs never
+showed them).
 
-    python benchmarks/toy_transfer.py              # about a minute and a half on one core
+    python benchmarks/toy_transfer.py                                      # the toy of --tiny: 2 minutes on one core
+    python benchmarks/toy_transfer.py --seeds 0 1 2 --reviews 0 1000 2000 4000 \
+        --out benchmarks/results/toy_transfer_grid.json   # is it robust? 12 toys, 16 minutes on a shared core
+
+--reviews changes how many pretraining reviews the toy's language model reads (yapo.tiny_setup's n_reviews;
+--tiny uses 2000; 0: the pairs alone), to see how much the result hangs on that one number.
 """
 
 import dataclasses
@@ -16,33 +22,52 @@ import yapo  # noqa: E402
 SETS = ("toy_sentiment", "toy_sentiment_novel")
 
 
-def main(argv=None):
-    p = common.parser(__file__, __doc__.strip().split("\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="the toy's seed, as yapo.py --seed")
-    opts = p.parse_args(argv)
-    flags = ["--tiny", "--seed", str(opts.seed), "--multipliers", "-1", "0", "1", "--n-generations", "0"]
+def one_toy(seed, n_reviews, quick=False):
+    flags = ["--tiny", "--seed", str(seed), "--multipliers", "-1", "0", "1", "--n-generations", "0"]
+    flags += ["--epochs", "1"] if quick else []
     args = yapo.parse_args(flags)
     train, test = yapo.load_pairs(args)
     novel = yapo.load_pairs(dataclasses.replace(args, behavior="toy_sentiment_novel"), need_train=False)[1]
-    model, tok, sae = yapo.setup(args, train)                     # the toy of yapo.py --tiny
-    results = {"benchmark": "toy_transfer", "seed": opts.seed, "quick": opts.quick,
-               "test_pairs": {"toy_sentiment": len(test), "toy_sentiment_novel": len(novel)}, "methods": {}}
+    model, tok, sae = yapo.tiny_setup(train, seed, n_reviews=n_reviews)       # yapo.setup's call, n_reviews aside
+    out = {"seed": seed, "reviews": n_reviews, "test_pairs": {SETS[0]: len(test), SETS[1]: len(novel)}, "methods": {}}
     for name, mode in (("YaPO", "sparse"), ("BiPO", "dense")):
         margs = yapo.parse_args(flags + ["--mode", mode])
-        margs.layer = args.layer
+        margs.layer = yapo.TINY_LAYER
         hook_sae = sae if mode == "sparse" else None
         margs.lam = yapo.auto_lam(model, tok, hook_sae, train, margs)
         v, _ = yapo.train(model, tok, hook_sae, train, margs)
-        results["methods"][name] = {}
+        out["methods"][name] = {}
         for label, pairs in zip(SETS, (test, novel)):
             rows = yapo.evaluate(model, tok, hook_sae, v, pairs, margs)["rows"]
             for r in rows:
                 r.pop("per_pair")
-            results["methods"][name][label] = rows
-            print(f"\n{name} on {label}:")
+            out["methods"][name][label] = rows
+            print(f"\nseed {seed}, {n_reviews} reviews: {name} on {label}:")
             yapo.print_table(rows)
-    results["machine"] = common.machine()
-    common.write_json(opts.out, results)
+    return out
+
+
+def summary(toys):
+    """Per toy and method: the behaviour score at m = -1 / 0 / +1 on each set."""
+    lines = ["| seed | reviews | method | toy_sentiment (test split) | toy_sentiment_novel |", "| --- | --- | --- | --- | --- |"]
+    for t in toys:
+        for name, sets in t["methods"].items():
+            cells = [" / ".join(f"{r['behavior_score']:.2f}" for r in sets[s]) for s in SETS]
+            lines.append(f"| {t['seed']} | {t['reviews']} | {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = common.parser(__file__, __doc__.strip().split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="the toy's seeds, as yapo.py --seed")
+    p.add_argument("--reviews", type=int, nargs="+", default=[2000], help="pretraining reviews (--tiny: 2000)")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        common.shrink_tiny_lm()
+    toys = [one_toy(seed, n, opts.quick) for n in opts.reviews for seed in opts.seeds]
+    print("\nbehaviour score at m = -1 / 0 / +1\n" + summary(toys))
+    common.write_json(opts.out, {"benchmark": "toy_transfer", "quick": opts.quick, "toys": toys,
+                                 "machine": common.machine(), "note": common.TINY_NOTE})
 
 
 if __name__ == "__main__":
