@@ -81,11 +81,11 @@ def build_model(folder=MODEL_DIR):
 
 def training_texts(tok):
     """The training split (seed 0) of every behaviour in data_sample.jsonl, x + y_w and x + y_l through the chat
-    template, as token ids: what steering will read. Held-out pairs never enter."""
+    template, as token ids: what steering will read. Held-out pairs never enter (toy_sentiment_novel: none else)."""
     behaviors = sorted({row["behavior"] for _, row in yapo.read_rows(str(common.DATA))})
     seqs = []
     for behavior in behaviors:
-        train, _ = yapo.load_pairs(yapo.Args(data=str(common.DATA), behavior=behavior, seed=0))
+        train, _ = yapo.load_pairs(yapo.Args(data=str(common.DATA), behavior=behavior, seed=0), need_train=False)
         for p in train:
             x, w, l = yapo.tokenize_pair(tok, p)
             seqs += [x + w, x + l]

@@ -97,8 +97,8 @@ TRAINED = ("BiPO", "YaPO")
 MULTIPLIERS = [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0]
 KLS = [0.05, 0.2]                                   # equal drift: where YaPO is compared with each baseline
 BASELINES = ("CAA", "SAS", "BiPO")                  # none never drifts, so it never reaches an equal drift
-# sentiment is the behaviour written for the pretrained model (issue 20, part 3); local_gemma3.BEHAVIORS may not
-# list it yet
+# sentiment is the behaviour written for the pretrained model, after local_gemma3.py's one-seed tables were made:
+# their list does not hold it
 LOCAL_BEHAVIORS = local_gemma3.BEHAVIORS | {"sentiment": local_gemma3.BEHAVIORS.get("sentiment", [])}
 CONVERGENCE = {"behavior": "power_seeking", "epochs": 10, "loss_thresholds": [0.5, 0.1], "warmup_share": 0.1,
                "paper": {"lam": "1", "lr": 5e-4, "warmup_steps": 100},          # the paper's Table 6
