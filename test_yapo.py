@@ -66,11 +66,35 @@ def tiny(pairs):
 
 
 @pytest.fixture(scope="session")
-def toy():
-    """What `python yapo.py --tiny` builds: the toy_sentiment pairs (train, test) and the tiny model, tokenizer and
-    SAE trained on the training pairs with seed 0, as (train, test, model, tok, sae)."""
-    train, test = load("toy_sentiment")
-    return (train, test) + yapo.tiny_setup(train, seed=0)
+def toy_folder(tmp_path_factory):
+    """What `python yapo.py --tiny` builds (the tiny model, tokenizer and SAE trained on toy_sentiment's training
+    pairs, seed 0), saved as folders: built once per test run, then loaded by every pytest worker (and the notebook's
+    test) in a second instead of trained again for half a minute."""
+    from filelock import FileLock               # a torch dependency
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy"    # this run's workers share it
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "sae").is_dir():
+            model, tok, sae = yapo.tiny_setup(load("toy_sentiment")[0], seed=0)
+            model.save_pretrained(folder / "model")
+            tok.save_pretrained(folder / "model")
+            sae.save_model(folder / "sae")
+    return folder
+
+
+def load_toy(folder):
+    """(model, tok, sae) from toy_folder's folders; eager attention, as tiny_model builds it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(folder / "model"), yapo.load_sae(str(folder / "sae"), None, "cpu",
+                                                                                   torch.float32)
+
+
+@pytest.fixture(scope="session")
+def toy(toy_folder):
+    """The toy of `python yapo.py --tiny` as (train, test, model, tok, sae): toy_sentiment's pairs and toy_folder's
+    model, tokenizer and SAE."""
+    return load("toy_sentiment") + load_toy(toy_folder)
 
 
 @pytest.fixture(params=DEVICES)
@@ -1779,9 +1803,25 @@ print(json.dumps({
 """
 
 
-def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
+# Run before the notebook's configuration cell, in its kernel: yapo.tiny_setup hands back the toy that the `toy`
+# fixture built (the one `python yapo.py --tiny` builds), from folders, instead of training it a second time.
+SAVED_TOY = """import offline, transformers
+def saved_toy(pairs, seed=0):
+    assert seed == 0 and len(pairs) == {n_train}, "the notebook asked for another toy than the fixture's"
+    offline.pin_cpu_arithmetic()                  # as tiny_setup: one thread, which the toy's matrices prefer
+    model = transformers.AutoModelForCausalLM.from_pretrained({folder!r} + "/model", attn_implementation="eager")
+    tok = transformers.AutoTokenizer.from_pretrained({folder!r} + "/model")
+    return model.eval(), tok, yapo.load_sae({folder!r} + "/sae", None, "cpu", torch.float32)
+yapo.tiny_setup = saved_toy
+"""
+
+
+def test_tutorial_notebook_runs_offline_end_to_end(toy_folder, tmp_path):
     nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
     nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
+    config = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.startswith("CONFIG = "))
+    saved = SAVED_TOY.format(n_train=len(load("toy_sentiment")[0]), folder=str(toy_folder))
+    nb.cells.insert(config, nbformat.v4.new_code_cell(saved))
     nb.cells.append(nbformat.v4.new_code_cell(NOTEBOOK_VALUES))        # in memory only: the file stays as it is
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}})
     try:                                                   # raises CellExecutionError at the first failing cell

@@ -168,7 +168,7 @@ def test_the_local_saes_text_is_every_behaviours_training_split_and_no_held_out_
 
 def test_toy_chaos_quick_same_seed_same_bits_and_a_nudge_of_1e_12_grows_a_millionfold(tmp_path):
     """The README's case for pinning the toy: trained again, its language model is the same bit for bit; from initial
-    weights moved by 1e-12 it ends a million times further apart, even in 26 steps, in float32 and float64."""
+    weights moved by 1e-12 it ends a million times further apart, even in 13 steps, in float32 and float64."""
     data = quick_main(tmp_path, "toy_chaos")
     assert [r["dtype"] for r in data["rows"]] == ["float32", "float64"]
     for r in data["rows"]:
@@ -177,8 +177,8 @@ def test_toy_chaos_quick_same_seed_same_bits_and_a_nudge_of_1e_12_grows_a_millio
 
 
 def test_toy_transfer_quick(tmp_path):
-    data = quick_main(tmp_path, "toy_transfer", "--reviews", "200", "400")
-    assert [t["reviews"] for t in data["toys"]] == [200, 400]
+    data = quick_main(tmp_path, "toy_transfer", "--reviews", "100")
+    assert [(t["seed"], t["reviews"]) for t in data["toys"]] == [(0, 100)]
     for toy in data["toys"]:
         assert toy["test_pairs"]["toy_sentiment_novel"] == 23
         for sets in toy["methods"].values():

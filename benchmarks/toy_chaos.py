@@ -46,7 +46,7 @@ def main(argv=None):
     opts = p.parse_args(argv)
     if not offline.pin_cpu_arithmetic():
         print("note: the toy's arithmetic could not be pinned here (see offline.pin_cpu_arithmetic)")
-    tokens = 16_000 if opts.quick else 256_000                # yapo.tiny_setup's lm_tokens
+    tokens = 8_000 if opts.quick else 256_000                 # yapo.tiny_setup's lm_tokens
     tok, seqs = toy_corpus(opts.seed)
     steps = max(1, round(tokens * len(seqs) / (16 * sum(map(len, seqs)))))   # as train_tiny_lm counts them
     rows = []
