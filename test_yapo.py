@@ -61,8 +61,8 @@ def pairs():
 @pytest.fixture(scope="session")
 def tiny(pairs):
     """The tiny model, tokenizer and SAE of --tiny, on the power_seeking training pairs; its language model gets
-    a quarter of --tiny's training, since these tests check mechanics, not what it learns (see `toy`)."""
-    return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=64_000)
+    a quarter of --tiny's training and no reviews, since these tests check mechanics, not what it learns (see `toy`)."""
+    return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=64_000, n_reviews=0)
 
 
 @pytest.fixture(scope="session")
@@ -1701,7 +1701,7 @@ def test_the_toys_vector_carries_to_question_and_answer_frames_and_words_its_pai
 
 def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path, capsys, monkeypatch):
     # in this process, with the toy's language model on a tenth of its tokens: the metrics' mechanics, not its skill
-    monkeypatch.setattr(yapo, "tiny_setup", functools.partial(yapo.tiny_setup, lm_tokens=25_600))
+    monkeypatch.setattr(yapo, "tiny_setup", functools.partial(yapo.tiny_setup, lm_tokens=25_600, n_reviews=0))
     yapo.main(["--tiny", "--data", str(DATA), "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
                "--format", "mcq", "--multipliers", "-1", "1", "--out-dir", str(tmp_path / "runs")])
     stdout, (run,) = capsys.readouterr().out, (tmp_path / "runs").iterdir()
