@@ -1225,7 +1225,7 @@ def setup(args, pairs):
 TINY_LAYER = 2
 
 
-def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000, n_reviews=2000):
+def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000, n_reviews=2000, sae_steps=500):
     """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template) and on
     n_reviews pretraining dialogues (offline.toy_reviews: what the toy knows about words beyond the pairs), its
     tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer` over the pairs' texts.
@@ -1247,7 +1247,7 @@ def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_
     train_tiny_lm(model, seqs + read, tok.pad_token_id, tokens=lm_tokens, seed=seed)
     batch = collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
     h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]
-    sae = train_sae(h, layer, d_sae, k=l0, steps=500, seed=seed)
+    sae = train_sae(h, layer, d_sae, k=l0, steps=sae_steps, seed=seed)
     return model, tok, sae
 
 

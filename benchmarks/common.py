@@ -80,10 +80,10 @@ def with_mode(flags, mode):
     return flags + ["--mode", mode]
 
 
-def shrink_tiny_lm(tokens=16_000):
-    """For --quick runs: yapo.setup's tiny language model gets a small training budget. A smoke test checks the
-    code paths, and needs no model that has learned anything."""
-    yapo.tiny_setup = functools.partial(yapo.tiny_setup, lm_tokens=tokens)
+def shrink_tiny_lm(tokens=16_000, sae_steps=100):
+    """For --quick runs: yapo.setup's tiny language model and its SAE get small training budgets. A smoke test
+    checks the code paths, and needs no model that has learned anything."""
+    yapo.tiny_setup = functools.partial(yapo.tiny_setup, lm_tokens=tokens, sae_steps=sae_steps)
 
 
 def gemma2_shaped(vocab_size, hidden_size=256, layers=4, intermediate_size=1024, seed=0):
