@@ -194,6 +194,7 @@ def machine():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     return {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(),   # AVX2, AVX512: changes what training builds
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
 

@@ -19,6 +19,10 @@ behaviour (<method>.json), read for every seed. One unit: benchmarks/results/loc
 seconds and, for BiPO and YaPO, the training loss of every step. A call starts a unit only while --minutes have
 not passed and, once it has made a unit of that method, only if one more such unit would end within them.
 
+Every unit records the sha256 of the SAE it used (sae_fingerprint), and run, convergence and report refuse a folder
+whose units come from two SAEs: the local SAE is trained here, and a CPU with other kernels trains another one
+(results/sae_gemma3_270m_rebuilt.json), so a sweep continued after a rebuild would mix two SAEs unseen.
+
 report: reads whatever units exist (and lists the missing ones) and writes, per behaviour and method, the behaviour
 score and margin at m = -1 and +1, the drift KL at +1 and on culture the MCQ accuracy, each a mean with a 95 %
 interval over the held-out pairs (each pair's value first averaged over the seeds present, then
@@ -75,6 +79,7 @@ log p_0(y|x) of the training pairs once per behaviour and call, for every BiPO a
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -151,7 +156,7 @@ class Loaded:
     built on a behaviour's training pairs, so once per behaviour)."""
 
     def __init__(self, env):
-        self.env, self.key, self.value, self.references = env, None, None, {}
+        self.env, self.key, self.value, self.references, self.sae_sha256 = env, None, None, {}, None
 
     def reference(self, behavior, model, tok, train, args):
         """The training pairs' reference log-probs, once per behaviour and process: every BiPO and YaPO unit of a
@@ -168,7 +173,30 @@ class Loaded:
             model, tok, sae = yapo.setup(args, pairs(self.env, behavior)[0])   # --tiny: sets args.layer
             print(f"loaded {args.model} and its SAE in {time.perf_counter() - t0:.0f} s", flush=True)
             self.key, self.value = key, (model, tok, sae, args.layer, args.model, args.sae)
+            self.sae_sha256 = sae_fingerprint(sae)
+            one_sae([{"sae_sha256": self.sae_sha256}] + [json.loads(p.read_text())
+                                                         for p in self.env.folder.rglob("*.json")], self.env.folder)
         return self.value
+
+
+def sae_fingerprint(sae):
+    """sha256 of the SAE's weights: every unit records it, since an SAE built here depends on the CPU it was built
+    on (the kernels torch picks change its training), and units of two SAEs must not be read together."""
+    digest = hashlib.sha256()
+    for name, w in sorted(sae.state_dict().items()):
+        digest.update(name.encode() + w.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def one_sae(units, folder):
+    """The units' SAE fingerprint; refuses units made with different SAEs (units from before fingerprints were
+    recorded count as one SAE of their own)."""
+    seen = Counter(u.get("sae_sha256", "not recorded") for u in units)
+    if len(seen) > 1:
+        raise SystemExit(f"{folder}: its units were made with {len(seen)} different SAEs ({dict(seen)}): they "
+                         f"cannot be read together. Keep one SAE's units (move the others out of the folder) and run "
+                         f"the missing units again with that SAE.")
+    return next(iter(seen), None)
 
 
 class Budget:
@@ -262,8 +290,8 @@ def sweep_unit(env, loaded, behavior, method, seed):
     print(f"{behavior} {method} seed {seed if seed is not None else '-'}: built in {built:.0f} s, "
           f"evaluated in {evaluated:.0f} s", flush=True)
     return {"behavior": behavior, "method": method, "seed": seed, "mode": args.mode, "tiny": env.tiny,
-            "setup": f"{model_name}, SAE {sae_name}, layer {layer}", "lam": float(args.lam),
-            "build_seconds": built, "evaluate_seconds": evaluated, "l0": int((v != 0).sum()), "norm": v.norm().item(),
+            "setup": f"{model_name}, SAE {sae_name}, layer {layer}", "sae_sha256": loaded.sae_sha256,
+            "lam": float(args.lam), "build_seconds": built, "evaluate_seconds": evaluated, "l0": int((v != 0).sum()), "norm": v.norm().item(),
             **extra, "train_pairs": len(train), "test_pairs": len(test), "multipliers": MULTIPLIERS,
             "rows": rows, "at_kl": {str(kl): compare_methods.at_kl(rows, kl) for kl in KLS},
             "args": dataclasses.asdict(args), "machine": common.machine()}
@@ -383,6 +411,7 @@ def report(env, behaviors, seeds, kls):
             found[behavior, method, seed] = json.loads(path.read_text())
         else:
             missing.append(str(path.relative_to(env.folder)))
+    sae_sha256 = one_sae(found.values(), env.folder)
     summary, paired = [], []
     for behavior in behaviors:
         runs = {m: [e for (b, mm, _), e in found.items() if (b, mm) == (behavior, m)] for m in METHODS}
@@ -397,7 +426,8 @@ def report(env, behaviors, seeds, kls):
             f"run each, for every seed. Equal drift: each pair's value where that run's drift KL reaches the KL, "
             f"interpolated between the two multipliers around it (m >= 0); runs that never reach it are left out, "
             f"'runs reaching it' counts them. {len(found)} units read, {len(missing)} missing.")
-    results = {"benchmark": "sweep", "tiny": env.tiny, "setup": setup, "seeds": seeds, "multipliers": MULTIPLIERS,
+    results = {"benchmark": "sweep", "tiny": env.tiny, "setup": setup, "sae_sha256": sae_sha256, "seeds": seeds,
+               "multipliers": MULTIPLIERS,
                "kls": kls, "units": len(found), "missing": missing, "summary": summary, "paired": paired,
                "note": note}
     out = env.folder.with_suffix(".json")
@@ -446,6 +476,7 @@ def convergence_unit(env, loaded, setting, method, seed, lam, lr, train, test):
     return {"setting": setting, "method": method, "seed": seed, "behavior": args.behavior, "lr": lr,
             "lam": float(args.lam), "epochs": args.epochs, "warmup_steps": args.warmup_steps, "steps": len(losses),
             "train_seconds": seconds, "setup": f"{model_name}, SAE {sae_name}, layer {layer}",
+            "sae_sha256": loaded.sae_sha256,
             **{f"steps_to_loss_below_{t}": bench_convergence.first_step(losses, lambda x: x < t)
                for t in env.convergence["loss_thresholds"]},
             "min_loss": min(losses), "losses": [round(x, 5) for x in losses],
@@ -491,6 +522,7 @@ def convergence(env, seeds, minutes):
             one("best_lr", method, seed, conf["lam"], chosen[method])
     print(f"ran {tally['ran']} units, skipped {tally['skipped']} that exist, {tally['not started']} not started "
           f"(--minutes {minutes:g}) in {folder}")
+    one_sae(runs, folder)
     return convergence_summary(env, runs, chosen, seeds, len(fit), len(val))
 
 

@@ -286,7 +286,8 @@ def test_generate_quick(tmp_path):
 
 def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     """benchmarks/sweep.py on the toy: a second run finds every unit and rewrites none, and the report's YaPO minus
-    BiPO at equal drift is the mean (and 1.96 standard errors) of per-pair differences computed here from the units."""
+    BiPO at equal drift is the mean (and 1.96 standard errors) of per-pair differences computed here from the units.
+    Every unit records its SAE's fingerprint; the report refuses units of two SAEs, and a run refuses to add to them."""
     folder = tmp_path / "sweep"
     monkeypatch.chdir(ROOT)                                        # sweep.py moves there; come back after
 
@@ -319,6 +320,18 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert row["n"] == len(diffs) == 4 and row["runs_reaching"] == "2/2 vs 2/2"
     assert close(row["difference"], statistics.fmean(diffs))
     assert close(row["ci95"], 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5)
+
+    fingerprints = {json.loads(p.read_text())["sae_sha256"] for p in units}
+    assert len(fingerprints) == 1 and data["sae_sha256"] in fingerprints and re.fullmatch(r"[0-9a-f]{64}",
+                                                                                          data["sae_sha256"])
+    other = json.loads(units[0].read_text()) | {"sae_sha256": "0" * 64}     # as if built with another SAE
+    units[0].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="2 different SAEs"):
+        sweep("report")
+    units[-1].unlink()                                             # a unit to make: refused before it is made
+    with pytest.raises(SystemExit, match="different SAEs"):
+        sweep("run")
+    assert not units[-1].exists()
 
 
 if __name__ == "__main__":
