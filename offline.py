@@ -18,13 +18,15 @@ GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py se
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 
 
-def pin_cpu_arithmetic():
+def pin_cpu_arithmetic(threads=1):
     """One thread and one set of x86 kernels, so that the toy is the same on every x86-64 CPU. The toy is trained
     from scratch: a rounding difference anywhere (another thread split of a sum, AVX-512 instead of AVX2 kernels)
     grows through training into another model, SAE and vector, and another table. torch reads ATEN_CPU_CAPABILITY
     at its first CPU kernel and MKL reads MKL_CBWR at its first call, so this must run before either; AVX2 is the
-    widest set every x86-64 CPU of the last decade has. Returns False where the pin could not take effect."""
-    torch.set_num_threads(1)                      # the toy's matrices gain nothing from more threads anyway
+    widest set every x86-64 CPU of the last decade has. Returns False where the pin could not take effect.
+    benchmarks/local_gemma3.py and sweep.py pin 2 threads: the SAE trained on the real model, and what is measured
+    with it, are then the same on every x86-64 machine with 2 cores or more."""
+    torch.set_num_threads(threads)                # the toy's matrices gain nothing from more threads anyway
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")

@@ -327,6 +327,8 @@ def main(argv=None):
                         "pairs); the five methods on every behaviour, with the chosen settings")
     p.add_argument("behaviors", nargs="*", help="compare: only these behaviours, in this order (default: all)")
     opts = p.parse_args(argv)
+    if not offline.pin_cpu_arithmetic(threads=2):   # the same SAE and figures on any x86-64 host (as the toy)
+        print("note: torch's CPU kernels could not be pinned to AVX2 here: the SAE may differ from other hosts'")
     if opts.what == "validate":
         validate()
         return

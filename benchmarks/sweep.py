@@ -590,8 +590,9 @@ def main(argv=None):
     p.add_argument("--results", default=None, help="the folder of the units (default: benchmarks/results/local/"
                                                    "sweep, --tiny: benchmarks/results/quick/sweep)")
     opts = p.parse_args(argv)
+    # as yapo.py --tiny and local_gemma3.py, before torch computes: the same numbers on any x86-64 host
+    __import__("offline").pin_cpu_arithmetic(threads=1 if opts.tiny else 2)
     if opts.tiny:
-        __import__("offline").pin_cpu_arithmetic()                  # as yapo.py --tiny, before torch computes
         common.shrink_tiny_lm()                                     # a smoke test: the toy LM on fewer tokens
     env = where(opts.tiny, opts.results)
     behaviors = opts.behaviors or list(env.behaviors)
