@@ -25,7 +25,7 @@ def pin_cpu_arithmetic(threads=1):
     at its first CPU kernel and MKL reads MKL_CBWR at its first call, so this must run before either; AVX2 is the
     widest set every x86-64 CPU of the last decade has. Returns False where the pin could not take effect.
     benchmarks/local_gemma3.py and sweep.py pin 2 threads: the SAE trained on the real model, and what is measured
-    with it, are then the same on every x86-64 machine with 2 cores or more."""
+    with it, should then be the same on every x86-64 machine (checked for the toy, not yet for that SAE)."""
     torch.set_num_threads(threads)                # the toy's matrices gain nothing from more threads anyway
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
