@@ -1225,25 +1225,32 @@ def setup(args, pairs):
 TINY_LAYER = 2
 
 
+def tiny_corpus(pairs, seed=0, n_reviews=2000):
+    """The toy's tokenizer (trained on the pairs' and reviews' texts) and what its language model reads: the pairs'
+    x+y_w and x+y_l through the chat template, and n_reviews pretraining dialogues (offline.toy_reviews)."""
+    from offline import tiny_tokenizer, toy_reviews
+    reviews = toy_reviews(n_reviews, seed)
+    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t] +
+                         [t for r in reviews for t in (r["prompt"], r["answer"])])
+    seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
+            for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
+    read = [prompt_ids(tok, r["prompt"]) + response_ids(tok, r["answer"]) + [tok.eos_token_id] for r in reviews]
+    return tok, seqs, read
+
+
 def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000, n_reviews=2000, sae_steps=500):
-    """A tiny Gemma-2 trained for seconds on the pairs' texts (x+y_w and x+y_l through the chat template) and on
-    n_reviews pretraining dialogues (offline.toy_reviews: what the toy knows about words beyond the pairs), its
-    tokenizer (trained on the same texts) and an SAE trained on its residual stream at `layer` over the pairs' texts.
-    Pass the training pairs only: held-out pairs must never enter."""
+    """A tiny Gemma-2 trained for seconds on tiny_corpus (the pairs' texts and n_reviews dialogues: what the toy
+    knows about words beyond the pairs), its tokenizer and an SAE trained on its residual stream at `layer` over the
+    pairs' texts. Pass the training pairs only: held-out pairs must never enter."""
     try:                                           # only here: yapo.py runs every real model without it
-        from offline import pin_cpu_arithmetic, tiny_model, tiny_tokenizer, toy_reviews, train_sae, train_tiny_lm
+        from offline import pin_cpu_arithmetic, tiny_model, train_sae, train_tiny_lm
     except ImportError:
         raise ValueError("--tiny builds its toy with offline.py: put it next to yapo.py") from None
     if not pin_cpu_arithmetic():
         print("note: this process ran torch before the toy was pinned to one thread and AVX2 kernels (or this is no "
               "x86 CPU), so the toy's numbers may differ from the README's; python yapo.py --tiny pins them")
-    reviews = toy_reviews(n_reviews, seed)
-    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t] +
-                         [t for r in reviews for t in (r["prompt"], r["answer"])])
+    tok, seqs, read = tiny_corpus(pairs, seed, n_reviews)
     model = tiny_model(tok, seed)
-    seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
-            for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
-    read = [prompt_ids(tok, r["prompt"]) + response_ids(tok, r["answer"]) + [tok.eos_token_id] for r in reviews]
     train_tiny_lm(model, seqs + read, tok.pad_token_id, tokens=lm_tokens, seed=seed)
     batch = collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
     h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]

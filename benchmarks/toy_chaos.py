@@ -16,18 +16,11 @@ import yapo  # noqa: E402
 EPSILON = 1e-12
 
 
-def toy_corpus(seed=0, n_reviews=2000):
-    """The tokenizer and the sequences yapo.tiny_setup trains the toy's language model on (the same calls)."""
-    args = yapo.parse_args(["--tiny", "--seed", str(seed)])
-    train, _ = yapo.load_pairs(args)
-    reviews = offline.toy_reviews(n_reviews, seed)
-    tok = offline.tiny_tokenizer([t for p in train for t in (p["prompt"], p["chosen"], p["rejected"]) if t] +
-                                 [t for r in reviews for t in (r["prompt"], r["answer"])])
-    seqs = [x + y + [tok.eos_token_id] for p in train if p["rejected"]
-            for x, w, l in [yapo.tokenize_pair(tok, p)] for y in (w, l)]
-    seqs += [yapo.prompt_ids(tok, r["prompt"]) + yapo.response_ids(tok, r["answer"]) + [tok.eos_token_id]
-             for r in reviews]
-    return tok, seqs
+def toy_corpus(seed=0):
+    """The tokenizer and the sequences yapo.tiny_setup trains the toy's language model on (the same call)."""
+    train, _ = yapo.load_pairs(yapo.parse_args(["--tiny", "--seed", str(seed)]))
+    tok, seqs, read = yapo.tiny_corpus(train, seed)
+    return tok, seqs + read
 
 
 def trained_weights(tok, seqs, dtype, nudge, seed, tokens):
