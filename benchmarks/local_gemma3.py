@@ -26,6 +26,7 @@ against a mean ablation): benchmarks/results/sae_gemma3_270m.json.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -170,6 +171,15 @@ def lm_losses(model, sae, seqs, layer, pad_id, batch_size=16):
     return losses
 
 
+def sae_fingerprint(sae):
+    """sha256 of the SAE's weights, recorded by its quality report and by every result made with it: an SAE trained
+    here depends on the CPU's kernels (hence offline.pin_cpu_arithmetic), and results of two SAEs must not mix."""
+    digest = hashlib.sha256()
+    for name, w in sorted(sae.state_dict().items()):
+        digest.update(name.encode() + w.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
     """Trains the SAE (see the module's docstring) unless `folder` holds one; writes its quality report."""
     folder = Path(folder)
@@ -211,6 +221,7 @@ def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
               "loss_recovered": (losses["mean_ablated"] - losses["spliced"])
               / (losses["mean_ablated"] - losses["clean"]),
               "build_seconds": time.perf_counter() - t0, "train_seconds": train_s, "machine": common.machine(),
+              "sae_sha256": sae_fingerprint(sae),
               "note": "Held-out figures: a tenth of the Python docs and of the model samples, kept out of "
                       "training (<bos> left out). Dead: never fires on a training token."}
     tmp = folder.with_name(folder.name + ".tmp")

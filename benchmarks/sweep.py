@@ -19,9 +19,10 @@ behaviour (<method>.json), read for every seed. One unit: benchmarks/results/loc
 seconds and, for BiPO and YaPO, the training loss of every step. A call starts a unit only while --minutes have
 not passed and, once it has made a unit of that method, only if one more such unit would end within them.
 
-Every unit records the sha256 of the SAE it used (sae_fingerprint), and run, convergence and report refuse a folder
-whose units come from two SAEs: the local SAE is trained here, and a CPU with other kernels trains another one
-(results/sae_gemma3_270m_rebuilt.json), so a sweep continued after a rebuild would mix two SAEs unseen.
+Every unit records the sha256 of the SAE it used (local_gemma3.sae_fingerprint), and run, convergence and report
+refuse a folder whose units come from two SAEs: the local SAE is trained here, and before its build was pinned to
+AVX2 kernels a CPU with other kernels trained another one (results/sae_gemma3_270m_first.json against
+sae_gemma3_270m.json), so a sweep continued after a rebuild could mix two SAEs unseen.
 
 report: reads whatever units exist (and lists the missing ones) and writes, per behaviour and method, the behaviour
 score and margin at m = -1 and +1, the drift KL at +1 and on culture the MCQ accuracy, each a mean with a 95 %
@@ -79,7 +80,6 @@ log p_0(y|x) of the training pairs once per behaviour and call, for every BiPO a
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -173,19 +173,10 @@ class Loaded:
             model, tok, sae = yapo.setup(args, pairs(self.env, behavior)[0])   # --tiny: sets args.layer
             print(f"loaded {args.model} and its SAE in {time.perf_counter() - t0:.0f} s", flush=True)
             self.key, self.value = key, (model, tok, sae, args.layer, args.model, args.sae)
-            self.sae_sha256 = sae_fingerprint(sae)
+            self.sae_sha256 = local_gemma3.sae_fingerprint(sae)
             one_sae([{"sae_sha256": self.sae_sha256}] + [json.loads(p.read_text())
                                                          for p in self.env.folder.rglob("*.json")], self.env.folder)
         return self.value
-
-
-def sae_fingerprint(sae):
-    """sha256 of the SAE's weights: every unit records it, since an SAE built here depends on the CPU it was built
-    on (the kernels torch picks change its training), and units of two SAEs must not be read together."""
-    digest = hashlib.sha256()
-    for name, w in sorted(sae.state_dict().items()):
-        digest.update(name.encode() + w.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def one_sae(units, folder):
@@ -291,7 +282,8 @@ def sweep_unit(env, loaded, behavior, method, seed):
           f"evaluated in {evaluated:.0f} s", flush=True)
     return {"behavior": behavior, "method": method, "seed": seed, "mode": args.mode, "tiny": env.tiny,
             "setup": f"{model_name}, SAE {sae_name}, layer {layer}", "sae_sha256": loaded.sae_sha256,
-            "lam": float(args.lam), "build_seconds": built, "evaluate_seconds": evaluated, "l0": int((v != 0).sum()), "norm": v.norm().item(),
+            "lam": float(args.lam), "build_seconds": built, "evaluate_seconds": evaluated,
+            "l0": int((v != 0).sum()), "norm": v.norm().item(),
             **extra, "train_pairs": len(train), "test_pairs": len(test), "multipliers": MULTIPLIERS,
             "rows": rows, "at_kl": {str(kl): compare_methods.at_kl(rows, kl) for kl in KLS},
             "args": dataclasses.asdict(args), "machine": common.machine()}
