@@ -7,8 +7,10 @@ unsteered and steered at m = -1 and +1 with a YaPO and a BiPO vector: accuracy w
     python benchmarks/knowledge_check.py --yapo runs/<YaPO run>/vector.safetensors \
         --bipo runs/<BiPO run>/vector.safetensors
 
-The vectors come from `yapo.py` runs on the local model (the README's "Results on a pretrained model" gives the
-commands), each read back with the arguments stored in its file; run from the repository root. The JSON goes to
+The vectors come from `yapo.py` runs on the local model, each read back with the arguments stored in its file; run
+from the repository root. The JSON in results/ used the power_seeking vectors of the sweep's settings, seed 0 (the
+README's command in "Results on a pretrained model", with `--seed 0 --n-generations 0 --multipliers -1 1`, and the
+same with `--mode dense`), which reproduce the sweep's YaPO_seed0 and BiPO_seed0 units. The JSON goes to
 benchmarks/results/knowledge_check.json. The body of main's loop is the README's recipe, line for line.
 """
 
@@ -46,7 +48,8 @@ def main(argv=None):
                 out = lm_eval.simple_evaluate(model=lm, tasks=["yapo_knowledge"], task_manager=tasks)
             print(m, out["results"]["yapo_knowledge"])
         # -----------------------------------------------------------------------------------------------------
-            results[f"{name} m={m:g}"] = {"vector": name, "multiplier": m, "lam": lam, "path": path,
+            results[f"{name} m={m:g}"] = {"vector": name, "multiplier": m, "lam": lam, "path": path, "seed": args.seed,
+                                          "sae_sha256": local_gemma3.sae_fingerprint(sae) if sae is not None else None,
                                           **{k.split(",")[0]: v_ for k, v_ in out["results"]["yapo_knowledge"].items()
                                              if k != "alias"}}
     rows = [{"run": k} | v for k, v in results.items()]
