@@ -66,11 +66,18 @@ them), each evaluated at 3 multipliers (44 or 12 pairs): about 6.7, 4.3 and 6.7 
 validation and best_lr, 105 minutes in all on an idle machine (2 calls of `convergence --minutes 60`; about 4
 hours shared). Loading the model and SAE: under a minute per call.
 
-MEASURED on sentiment (the 9 units in 48 minutes, 2 cores, now and then shared with lighter work): BiPO and YaPO
-3.7-4.1 minutes to build (60 steps: 3.7-4.1 s a step, not 2.6) and 2.4-2.7 to evaluate, 6.1-6.6 in all; CAA 5.3
-(1.3 + 4.0, the cores shared), SAS 3.3 (0.5 + 2.8), none 0.8. On power_seeking (36 minutes): BiPO and YaPO 4.7-4.9
-minutes (48 steps at 2.3-2.6 s, then 2.7-3.0 to evaluate), CAA 3.3, SAS 3.2, none 0.6. So about 1.1 times the
-estimate: some 5½ hours for the whole sweep and 2 for convergence on idle cores.
+MEASURED on the first SAE, on sentiment (the 9 units in 48 minutes, 2 cores, now and then shared with lighter work):
+BiPO and YaPO 3.7-4.1 minutes to build (60 steps: 3.7-4.1 s a step, not 2.6) and 2.4-2.7 to evaluate, 6.1-6.6 in
+all; CAA 5.3 (1.3 + 4.0, the cores shared), SAS 3.3 (0.5 + 2.8), none 0.8. On power_seeking (36 minutes): BiPO and
+YaPO 4.7-4.9 minutes (48 steps at 2.3-2.6 s, then 2.7-3.0 to evaluate), CAA 3.3, SAS 3.2, none 0.6. So about 1.1
+times the estimate: some 5½ hours for the whole sweep and 2 for convergence on idle cores.
+MEASURED on the current SAE (results/local/sweep/, another host of 2 AMD EPYC cores, idle; each unit's seconds are
+in its JSON): BiPO and YaPO on an open behaviour 1.5-3.7 minutes to build (48 steps; sentiment 60) and 2.1-4.9 to
+evaluate, 4-6.5 in all; on a culture behaviour 1.5-2 and 2.6-3.5, 4-5 in all; CAA and SAS 0.2-0.3 to build and
+2.3-4.3 to evaluate (two units with the cores shared: 2.1 to build, 6.7 to evaluate); none 0.4-1.8. Seed 0 with the
+24 seed-independent units: 181 minutes (163 without one BiPO unit that shared the cores with another torch process
+and took 27 minutes: never run two at once on 2 cores); each further seed (16 units) about 85. Convergence is not
+yet measured here.
 
 What is reused: the model and SAE are loaded once per process (and only when a unit needs them, so a call that
 finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed; the reference log-probs
