@@ -381,9 +381,32 @@ LABELS = {"behavior_score": ("score", ".3f"), "margin": ("margin", ".2f"), "drif
           "mcq_accuracy": ("MCQ acc", ".3f")}
 
 
-def report_markdown(env, summary, paired, missing, seeds, note):
+def overview(summary, paired, kls):
+    """The README's two tables: every method on every behaviour, then YaPO's verdicts at equal drift."""
+    cells = [{"behavior": f"{r['behavior']} ({r['n']})", "method": r["method"],
+              "seeds": "-" if r["seeds"] == "seed-independent" else r["seeds"]}
+             | {key(m, x): pm(r[key(m, x)], style) for (m, x), style in zip(SUMMARY, (".3f", ".3f", ".1f", ".1f", ".2f"))}
+             for r in summary]
+    columns = [("behavior", "behaviour (held-out pairs)"), ("method", "method"), ("seeds", "seeds")]
+    columns += [(key(m, x), f"{LABELS[m][0]} m = {x:+g}") for m, x in SUMMARY]
+    verdicts = {}
+    for r in (r for r in paired if r["metric"] != "mcq_accuracy"):
+        row = verdicts.setdefault((r["behavior"], r["comparison"]),
+                                  {"behavior": r["behavior"], "comparison": r["comparison"].removeprefix("YaPO - ")})
+        style = ".3f" if r["metric"] == "behavior_score" else ".2f"
+        row[r["metric"], r["at"]] = (f"not reached ({r['runs_reaching']})" if r["verdict"] is None else
+                                     f"{r['difference']:+{style}} ± {r['ci95']:{style}}: "
+                                     + r["verdict"].split(" at ")[0])
+    vcolumns = [("behavior", "behaviour"), ("comparison", "YaPO minus")]
+    vcolumns += [((m, f"KL {kl:g}"), f"{LABELS[m][0]} at KL {kl:g}") for kl in kls for m in ("behavior_score", "margin")]
+    return [common.markdown_table(cells, columns), "", "YaPO minus each baseline at equal drift (the paired 95 % "
+            "interval; 'cannot tell' where it contains 0; n as in the table above):", "",
+            common.markdown_table(list(verdicts.values()), vcolumns), ""]
+
+
+def report_markdown(env, summary, paired, missing, seeds, note, kls):
     lines = [f"# The sweep: five methods, seeds {seeds}" + (" (the toy: a smoke test)" if env.tiny else ""), "",
-             note, ""]
+             note, "", "## Overview", ""] + overview(summary, paired, kls)
     for behavior in dict.fromkeys(r["behavior"] for r in summary):
         rows = [r for r in summary if r["behavior"] == behavior]
         mcq = key("mcq_accuracy", 1.0) in rows[0]
@@ -431,7 +454,7 @@ def report(env, behaviors, seeds, kls):
                "note": note}
     out = env.folder.with_suffix(".json")
     common.write_json(out, results)
-    out.with_suffix(".md").write_text(report_markdown(env, summary, paired, missing, seeds, note))
+    out.with_suffix(".md").write_text(report_markdown(env, summary, paired, missing, seeds, note, kls))
     print(f"wrote {out.with_suffix('.md')}" + (f"; {len(missing)} units missing" if missing else ""))
     return results
 
