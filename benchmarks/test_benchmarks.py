@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -332,6 +333,22 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="different SAEs"):
         sweep("run")
     assert not units[-1].exists()
+
+
+def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch):
+    """The two tables of the README's "Results on a pretrained model" are what `sweep.py report` writes from the
+    committed units, and the committed report is that output: no figure there is typed by hand."""
+    monkeypatch.chdir(ROOT)
+    folder = tmp_path / "sweep"
+    shutil.copytree(ROOT / "benchmarks" / "results" / "local" / "sweep", folder)
+    importlib.import_module("sweep").main(["report", "--results", str(folder)])
+    written = (tmp_path / "sweep.md").read_text()
+    assert written == (ROOT / "benchmarks" / "results" / "local" / "sweep.md").read_text()
+    assert json.loads((tmp_path / "sweep.json").read_text())["missing"] == []
+    overview = written.split("## Overview\n")[1].split("\n## ")[0]
+    tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
+    readme = (ROOT / "README.md").read_text()
+    assert len(tables) == 2 and all(t in readme for t in tables)
 
 
 if __name__ == "__main__":
