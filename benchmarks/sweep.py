@@ -76,8 +76,10 @@ in its JSON): BiPO and YaPO on an open behaviour 1.5-3.7 minutes to build (48 st
 evaluate, 4-6.5 in all; on a culture behaviour 1.5-2 and 2.6-3.5, 4-5 in all; CAA and SAS 0.2-0.3 to build and
 2.3-4.3 to evaluate (two units with the cores shared: 2.1 to build, 6.7 to evaluate); none 0.4-1.8. Seed 0 with the
 24 seed-independent units: 181 minutes (163 without one BiPO unit that shared the cores with another torch process
-and took 27 minutes: never run two at once on 2 cores); each further seed (16 units) about 85. Convergence is not
-yet measured here.
+and took 27 minutes: never run two at once on 2 cores); seeds 1 and 2 (16 units each) about 76 each: 333 minutes for
+the whole sweep. Convergence, measured here: a paper run 4.5-5.3 minutes to train (120 steps) and about 6 in all, a
+validation run 3.5-4 to train (90 steps) and about 4 in all, a best_lr run 4.5 to train and about 6 in all: about
+1.7 hours for the 18 units.
 
 What is reused: the model and SAE are loaded once per process (and only when a unit needs them, so a call that
 finds everything done loads nothing); none, CAA and SAS once per behaviour for every seed; the reference log-probs
@@ -544,8 +546,7 @@ def convergence(env, seeds, minutes):
             one("best_lr", method, seed, conf["lam"], chosen[method])
     print(f"ran {tally['ran']} units, skipped {tally['skipped']} that exist, {tally['not started']} not started "
           f"(--minutes {minutes:g}) in {folder}")
-    one_sae(runs, folder)
-    return convergence_summary(env, runs, chosen, seeds, len(fit), len(val))
+    return convergence_summary(env, runs, chosen, seeds, len(fit), len(val), one_sae(runs, folder))
 
 
 def convergence_row(setting, method, runs, thresholds):
@@ -561,7 +562,7 @@ def convergence_row(setting, method, runs, thresholds):
                "margin_gain": interval(gains), "n": runs[0]["test_pairs"]})
 
 
-def convergence_summary(env, runs, chosen, seeds, n_fit, n_val):
+def convergence_summary(env, runs, chosen, seeds, n_fit, n_val, sae_sha256):
     conf = env.convergence
     thresholds = [f"steps_to_loss_below_{t}" for t in conf["loss_thresholds"]]
     table = []
@@ -587,7 +588,9 @@ def convergence_summary(env, runs, chosen, seeds, n_fit, n_val):
             f"margin at m = +1 minus at m = -1 (lambda as in the row), averaged over the seeds, then its 95 % "
             f"interval over pairs (validation rows: on the validation pairs). The paper: YaPO's loss below 0.1 "
             f"within 150 steps, BiPO's still above 0.3 after 600.")
-    results = {"benchmark": "sweep_convergence", "tiny": env.tiny, "settings": conf, "seeds": seeds,
+    # the summary sits in the folder of the units and names their SAE, as a unit does (Loaded.get reads it too)
+    results = {"benchmark": "sweep_convergence", "tiny": env.tiny, "sae_sha256": sae_sha256, "settings": conf,
+               "seeds": seeds,
                "chosen_lr": chosen, "summary": table, "note": note}
     out = env.folder / "convergence.json"
     common.write_json(out, results)
