@@ -385,10 +385,10 @@ LABELS = {"behavior_score": ("score", ".3f"), "margin": ("margin", ".2f"), "drif
 
 def overview(summary, paired, kls):
     """The README's two tables: every method on every behaviour, then YaPO's verdicts at equal drift."""
+    styles = [".3f", ".3f", ".1f", ".1f", ".2f"]                    # score, score, margin, margin, drift KL
     cells = [{"behavior": f"{r['behavior']} ({r['n']})", "method": r["method"],
               "seeds": "-" if r["seeds"] == "seed-independent" else r["seeds"]}
-             | {key(m, x): pm(r[key(m, x)], style) for (m, x), style in zip(SUMMARY, (".3f", ".3f", ".1f", ".1f", ".2f"))}
-             for r in summary]
+             | {key(m, x): pm(r[key(m, x)], style) for (m, x), style in zip(SUMMARY, styles)} for r in summary]
     columns = [("behavior", "behaviour (held-out pairs)"), ("method", "method"), ("seeds", "seeds")]
     columns += [(key(m, x), f"{LABELS[m][0]} m = {x:+g}") for m, x in SUMMARY]
     verdicts = {}
@@ -400,7 +400,8 @@ def overview(summary, paired, kls):
                                      f"{r['difference']:+{style}} ± {r['ci95']:{style}}: "
                                      + r["verdict"].split(" at ")[0])
     vcolumns = [("behavior", "behaviour"), ("comparison", "YaPO minus")]
-    vcolumns += [((m, f"KL {kl:g}"), f"{LABELS[m][0]} at KL {kl:g}") for kl in kls for m in ("behavior_score", "margin")]
+    vcolumns += [((m, f"KL {kl:g}"), f"{LABELS[m][0]} at KL {kl:g}")
+                 for kl in kls for m in ("behavior_score", "margin")]
     return [common.markdown_table(cells, columns), "", "YaPO minus each baseline at equal drift (the paired 95 % "
             "interval; 'cannot tell' where it contains 0; n as in the table above):", "",
             common.markdown_table(list(verdicts.values()), vcolumns), ""]
@@ -590,8 +591,7 @@ def convergence_summary(env, runs, chosen, seeds, n_fit, n_val, sae_sha256):
             f"within 150 steps, BiPO's still above 0.3 after 600.")
     # the summary sits in the folder of the units and names their SAE, as a unit does (Loaded.get reads it too)
     results = {"benchmark": "sweep_convergence", "tiny": env.tiny, "sae_sha256": sae_sha256, "settings": conf,
-               "seeds": seeds,
-               "chosen_lr": chosen, "summary": table, "note": note}
+               "seeds": seeds, "chosen_lr": chosen, "summary": table, "note": note}
     out = env.folder / "convergence.json"
     common.write_json(out, results)
     out.with_suffix(".md").write_text("\n".join([
