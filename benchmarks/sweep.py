@@ -36,9 +36,11 @@ convergence: YaPO against BiPO on power_seeking, 3 seeds, 10 epochs (120 steps o
   best_lr  each method's own lr, chosen on validation pairs (local_gemma3.validation_split: a quarter of the
            training pairs' groups; candidates 1e-3, 3e-3, 1e-2 at lambda auto, trained as long as the runs, scored
            as local_gemma3.validate() scores: the largest margin gain from m = -1 to +1 whose mean drift at +-1
-           stays under 0.5), then trained on all training pairs
-Per run: steps until the training loss first falls below 0.5 and 0.1, the lowest loss, and the held-out margin gain
-from m = -1 to +1 with its interval. One JSON per unit in sweep/convergence/ (validation runs too), and the summary
+           stays under 0.5, or the smallest lr if none does), then trained on all training pairs
+Per run: steps until the training loss first falls below 0.5, 0.3 (where the paper's BiPO stays) and 0.1, the lowest
+loss and the last epoch's mean loss (a step's loss is noisy: 4 pairs, one random d), the held-out margin gain
+from m = -1 to +1 with its interval, and the drift at m = +-1; per setting, YaPO's gain minus BiPO's pair by pair
+with the paired interval. One JSON per unit in sweep/convergence/ (validation runs too), and the summary
 sweep/convergence.json and .md. The paper's claim: YaPO's loss below 0.1 within 150 steps, BiPO above 0.3 after 600.
 
 --tiny: the toy of yapo.py --tiny (toy_sentiment, its TINY_DEFAULTS), 1 epoch, 4 held-out pairs, its language model
@@ -114,7 +116,7 @@ BASELINES = ("CAA", "SAS", "BiPO")                  # none never drifts, so it n
 # sentiment is the behaviour written for the pretrained model, after local_gemma3.py's one-seed tables were made:
 # their list does not hold it
 LOCAL_BEHAVIORS = local_gemma3.BEHAVIORS | {"sentiment": local_gemma3.BEHAVIORS.get("sentiment", [])}
-CONVERGENCE = {"behavior": "power_seeking", "epochs": 10, "loss_thresholds": [0.5, 0.1], "warmup_share": 0.1,
+CONVERGENCE = {"behavior": "power_seeking", "epochs": 10, "loss_thresholds": [0.5, 0.3, 0.1], "warmup_share": 0.1,
                "paper": {"lam": "1", "lr": 5e-4, "warmup_steps": 100},          # the paper's Table 6
                "lrs": [1e-3, 3e-3, 1e-2], "lam": "auto", "validation_share": 0.25, "max_drift": 0.5,
                "multipliers": [-1.0, 0.0, 1.0]}
@@ -550,22 +552,51 @@ def convergence(env, seeds, minutes):
     return convergence_summary(env, runs, chosen, seeds, len(fit), len(val), one_sae(runs, folder))
 
 
+def seed_mean_gains(runs):
+    """Each held-out pair's margin gain, averaged over the runs' seeds: [n pairs]."""
+    return torch.tensor([r["per_pair_margin_gain"] for r in runs], dtype=torch.float64).mean(0)
+
+
 def convergence_row(setting, method, runs, thresholds):
     """One line of the convergence table: runs of one setting and method (seeds, or one validation run)."""
     got = lambda k: [r[k] for r in runs]
-    reached = lambda k: [s for s in got(k) if s is not None]
-    gains = torch.tensor(got("per_pair_margin_gain"), dtype=torch.float64).mean(0)   # over seeds, per pair
+    # from each run's losses, so that a threshold added later reads the runs already made
+    steps_below = lambda t: [bench_convergence.first_step(r["losses"], lambda x: x < t) for r in runs]
+    reached = lambda steps: [s for s in steps if s is not None]
+    # a step's loss is 4 pairs at one random d, so it is noisy: the mean over the last epoch says where a run ended
+    last_epoch = [statistics.fmean(r["losses"][-math.ceil(r["train_pairs"] / 4):]) for r in runs]
     return ({"setting": setting, "method": method, "lr": runs[0]["lr"], "lam": statistics.fmean(got("lam")),
              "seeds": ", ".join(map(str, got("seed"))), "steps": runs[0]["steps"]}
-            | {k: {"per_seed": got(k), "reached": f"{len(reached(k))}/{len(runs)}",
-                   "mean": statistics.fmean(reached(k)) if reached(k) else None} for k in thresholds}
+            | {f"steps_to_loss_below_{t}": {"per_seed": steps, "reached": f"{len(reached(steps))}/{len(runs)}",
+                                            "mean": statistics.fmean(reached(steps)) if reached(steps) else None}
+               for t, steps in ((t, steps_below(t)) for t in thresholds)}
             | {"min_loss": {"per_seed": got("min_loss"), "mean": statistics.fmean(got("min_loss"))},
-               "margin_gain": interval(gains), "n": runs[0]["test_pairs"]})
+               "last_epoch_loss": {"per_seed": last_epoch, "mean": statistics.fmean(last_epoch)},
+               "margin_gain": interval(seed_mean_gains(runs)), "n": runs[0]["test_pairs"],
+               "drift_at_pm1": statistics.fmean((r["drift_at_1"] + r["drift_at_minus_1"]) / 2 for r in runs)})
+
+
+def convergence_paired(runs):
+    """YaPO's margin gain minus BiPO's, pair by pair (each averaged over the seeds both methods ran), per setting
+    trained on all training pairs: the two methods are scored on the same held-out pairs, so the paired interval
+    is the one to read."""
+    out = []
+    for setting in ("paper", "best_lr"):
+        by = {m: {r["seed"]: r for r in runs if (r["setting"], r["method"]) == (setting, m)} for m in TRAINED}
+        seeds = sorted(set(by["YaPO"]) & set(by["BiPO"]))
+        if not seeds:
+            continue
+        diff = (seed_mean_gains([by["YaPO"][s] for s in seeds])
+                - seed_mean_gains([by["BiPO"][s] for s in seeds]))
+        mean, ci = yapo.mean_interval(diff)
+        out.append({"setting": setting, "comparison": "YaPO - BiPO", "seeds": ", ".join(map(str, seeds)),
+                    "difference": mean, "ci95": ci, "n": len(diff), "verdict": verdict(mean, ci, len(diff))})
+    return out
 
 
 def convergence_summary(env, runs, chosen, seeds, n_fit, n_val, sae_sha256):
     conf = env.convergence
-    thresholds = [f"steps_to_loss_below_{t}" for t in conf["loss_thresholds"]]
+    thresholds = conf["loss_thresholds"]
     table = []
     for setting in ("paper", "validation", "best_lr"):
         for method in TRAINED:
@@ -573,30 +604,41 @@ def convergence_summary(env, runs, chosen, seeds, n_fit, n_val, sae_sha256):
             groups = [[r] for r in mine] if setting == "validation" else [mine] if mine else []   # one row per lr
             table += [convergence_row(setting, method, group, thresholds) for group in groups]
     steps = lambda c: "not reached" if c["mean"] is None else f"{c['mean']:.0f} ({c['reached']})"
+    below = [f"steps_to_loss_below_{t}" for t in thresholds]
     cells = [{"setting": r["setting"], "method": r["method"], "lr": r["lr"], "lam": r["lam"], "seeds": r["seeds"],
-              "steps": r["steps"], **{k: steps(r[k]) for k in thresholds}, "min_loss": r["min_loss"]["mean"],
-              "margin_gain": pm(r["margin_gain"], ".2f"), "n": r["n"]} for r in table]
+              "steps": r["steps"], **{k: steps(r[k]) for k in below}, "min_loss": r["min_loss"]["mean"],
+              "last_epoch_loss": r["last_epoch_loss"]["mean"], "margin_gain": pm(r["margin_gain"], ".2f"),
+              "drift": f"{r['drift_at_pm1']:.2g}", "n": r["n"]}
+             for r in table]
     columns = [("setting", "setting"), ("method", "method"), ("lr", "lr"), ("lam", "lam"), ("seeds", "seeds"),
-               ("steps", "steps")] + [(k, "steps to loss < " + k.rsplit("_", 1)[1]) for k in thresholds] + [
-        ("min_loss", "lowest loss"), ("margin_gain", "margin gain m=-1 to +1 (nats)"), ("n", "n pairs")]
+               ("steps", "steps")] + [(k, "steps to loss < " + k.rsplit("_", 1)[1]) for k in below] + [
+        ("min_loss", "lowest loss"), ("last_epoch_loss", "last epoch's mean loss"),
+        ("margin_gain", "margin gain m=-1 to +1 (nats)"), ("drift", "drift KL at m=+-1"), ("n", "n pairs")]
+    paired = convergence_paired(runs)
+    paired_cells = [p | {"difference": pm({"mean": p["difference"], "ci95": p["ci95"]})} for p in paired]
     note = ((common.TINY_NOTE + " " if env.tiny else "") + f"{conf['behavior']}, {conf['epochs']} epochs; paper: "
             f"lambda {conf['paper']['lam']}, lr {conf['paper']['lr']:g} (the paper's Table 6), its 100 warm-up "
             f"steps capped at a tenth of the run; best_lr: lambda auto at the lr validation chose for each method "
             f"({chosen or 'not yet'}), from {conf['lrs']} trained on {n_fit} training pairs and scored on {n_val} "
             f"validation pairs (largest margin gain with mean drift at m = +-1 under {conf['max_drift']}). Steps "
             f"count optimizer updates before the first step whose loss (4 pairs, one random d) is below the "
-            f"threshold: the mean over the seeds that got there, and how many did. Margin gain: each held-out pair's "
-            f"margin at m = +1 minus at m = -1 (lambda as in the row), averaged over the seeds, then its 95 % "
-            f"interval over pairs (validation rows: on the validation pairs). The paper: YaPO's loss below 0.1 "
-            f"within 150 steps, BiPO's still above 0.3 after 600.")
+            f"threshold: the mean over the seeds that got there, and how many did. Lowest loss and the last epoch's "
+            f"mean loss: means over the seeds. Margin gain: each held-out pair's margin at m = +1 minus at m = -1 "
+            f"(lambda as in the row), averaged over the seeds, then its 95 % interval over pairs (validation rows: on "
+            f"the validation pairs). Drift: the mean over the seeds of the drift KL at m = +1 and -1, averaged. The "
+            f"paper: YaPO's loss below 0.1 within 150 steps, BiPO's still above 0.3 after 600.")
     # the summary sits in the folder of the units and names their SAE, as a unit does (Loaded.get reads it too)
     results = {"benchmark": "sweep_convergence", "tiny": env.tiny, "sae_sha256": sae_sha256, "settings": conf,
-               "seeds": seeds, "chosen_lr": chosen, "summary": table, "note": note}
+               "seeds": seeds, "chosen_lr": chosen, "summary": table, "paired": paired, "note": note}
     out = env.folder / "convergence.json"
     common.write_json(out, results)
     out.with_suffix(".md").write_text("\n".join([
         "# Convergence, YaPO against BiPO" + (" (the toy: a smoke test)" if env.tiny else ""), "", note, "",
-        common.markdown_table(cells, columns), ""]))
+        common.markdown_table(cells, columns), "",
+        "YaPO's margin gain minus BiPO's, per held-out pair (the same pairs), with its 95 % interval:", "",
+        common.markdown_table(paired_cells, [("setting", "setting"), ("seeds", "seeds"), ("comparison", "comparison"),
+                                             ("difference", "margin gain difference (nats)"), ("n", "n pairs"),
+                                             ("verdict", "verdict")]), ""]))
     return results
 
 

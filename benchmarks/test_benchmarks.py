@@ -9,6 +9,7 @@ bench_train_step.py, which forks a child per variant and so runs in a process of
 import dataclasses
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -335,6 +336,56 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert not units[-1].exists()
 
 
+def test_sweep_convergence_tiny_resumes_and_summarises(tmp_path, capsys, monkeypatch):
+    """`sweep.py convergence` on the toy: a second call on the same folder reads its summary and every unit back and
+    rewrites none; validation picks, per method, the lr with the largest margin gain under the drift limit; and a
+    summary row's steps to each loss threshold, its margin gain and YaPO's paired difference from BiPO are recomputed
+    here from the units' losses and rows."""
+    folder = tmp_path / "sweep"
+    monkeypatch.chdir(ROOT)
+    sweep_module = importlib.import_module("sweep")
+
+    def convergence():
+        sweep_module.main(["convergence", "--tiny", "--seeds", "0", "--results", str(folder)])
+        return capsys.readouterr().out
+
+    convergence()
+    units = sorted((folder / "convergence").glob("*.json"))
+    lrs = sweep_module.CONVERGENCE["lrs"]
+    assert sorted(p.name for p in units) == sorted(
+        [f"{s}_{m}_seed0.json" for s in ("paper", "best_lr") for m in ("BiPO", "YaPO")]
+        + [f"validation_{m}_lr{lr:g}.json" for m in ("BiPO", "YaPO") for lr in lrs])
+    summary = json.loads((folder / "convergence.json").read_text())
+    assert summary["sae_sha256"] == json.loads(units[0].read_text())["sae_sha256"]
+    mtimes = [p.stat().st_mtime_ns for p in [*units, folder / "convergence.json"]]
+    assert "ran 0 units, skipped 10 that exist" in convergence()   # the summary names its SAE: the folder is one SAE's
+    assert [p.stat().st_mtime_ns for p in units] == mtimes[:-1]
+
+    read = lambda name: json.loads((folder / "convergence" / name).read_text())
+    best = {}
+    for method in ("BiPO", "YaPO"):
+        val = [read(f"validation_{method}_lr{lr:g}.json") for lr in lrs]
+        under = [r for r in val if (r["drift_at_1"] + r["drift_at_minus_1"]) / 2 <= 0.5] or [val[0]]
+        assert summary["chosen_lr"][method] == max(under, key=lambda r: r["margin_gain"])["lr"]
+        run = read(f"best_lr_{method}_seed0.json")
+        assert run["lr"] == summary["chosen_lr"][method] and len(run["losses"]) == run["steps"]
+        (row,) = [r for r in summary["summary"] if (r["setting"], r["method"]) == ("best_lr", method)]
+        for t in sweep_module.CONVERGENCE["loss_thresholds"]:
+            first = next((i for i, x in enumerate(run["losses"]) if x < t), None)
+            assert row[f"steps_to_loss_below_{t}"]["per_seed"] == [first]
+        last_epoch = run["losses"][-math.ceil(run["train_pairs"] / 4):]             # batch 4: steps per epoch
+        assert close(row["last_epoch_loss"]["mean"], statistics.fmean(last_epoch))
+        margin = {r["multiplier"]: r["per_pair"]["margin"] for r in run["rows"]}
+        gains = [a - b for a, b in zip(margin[1.0], margin[-1.0])]
+        assert row["n"] == len(gains) == 4 and close(row["margin_gain"]["mean"], statistics.fmean(gains))
+        assert close(row["margin_gain"]["ci95"], 1.96 * statistics.stdev(gains) / len(gains) ** 0.5)
+        best[method] = gains
+    (paired,) = [p for p in summary["paired"] if p["setting"] == "best_lr"]
+    diffs = [a - b for a, b in zip(best["YaPO"], best["BiPO"])]
+    assert paired["n"] == 4 and close(paired["difference"], statistics.fmean(diffs))
+    assert close(paired["ci95"], 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5)
+
+
 def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch):
     """The two tables of the README's "Results on a pretrained model" are what `sweep.py report` writes from the
     committed units, and the committed report is that output: no figure there is typed by hand."""
@@ -349,6 +400,19 @@ def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeyp
     tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
     readme = (ROOT / "README.md").read_text()
     assert len(tables) == 2 and all(t in readme for t in tables)
+
+
+
+def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch):
+    """sweep/convergence.md, which the README's convergence paragraph quotes, is what `sweep.py convergence` writes
+    from the committed runs (all 18 there: it trains nothing and loads no model)."""
+    monkeypatch.chdir(ROOT)
+    committed = ROOT / "benchmarks" / "results" / "local" / "sweep"
+    folder = tmp_path / "sweep"
+    shutil.copytree(committed / "convergence", folder / "convergence")
+    importlib.import_module("sweep").main(["convergence", "--results", str(folder)])
+    assert "ran 0 units, skipped 18 that exist" in capsys.readouterr().out
+    assert (folder / "convergence.md").read_text() == (committed / "convergence.md").read_text()
 
 
 if __name__ == "__main__":
