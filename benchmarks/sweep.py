@@ -560,16 +560,17 @@ def seed_mean_gains(runs):
 def convergence_row(setting, method, runs, thresholds):
     """One line of the convergence table: runs of one setting and method (seeds, or one validation run)."""
     got = lambda k: [r[k] for r in runs]
-    # from each run's losses, so that a threshold added later reads the runs already made
-    steps_below = lambda t: [bench_convergence.first_step(r["losses"], lambda x: x < t) for r in runs]
-    reached = lambda steps: [s for s in steps if s is not None]
+
+    def steps_below(t):     # from each run's losses, so that a threshold added later reads the runs already made
+        steps = [bench_convergence.first_step(r["losses"], lambda x: x < t) for r in runs]
+        hit = [s for s in steps if s is not None]
+        return {"per_seed": steps, "reached": f"{len(hit)}/{len(runs)}", "mean": statistics.fmean(hit) if hit else None}
+
     # a step's loss is 4 pairs at one random d, so it is noisy: the mean over the last epoch says where a run ended
     last_epoch = [statistics.fmean(r["losses"][-math.ceil(r["train_pairs"] / 4):]) for r in runs]
     return ({"setting": setting, "method": method, "lr": runs[0]["lr"], "lam": statistics.fmean(got("lam")),
              "seeds": ", ".join(map(str, got("seed"))), "steps": runs[0]["steps"]}
-            | {f"steps_to_loss_below_{t}": {"per_seed": steps, "reached": f"{len(reached(steps))}/{len(runs)}",
-                                            "mean": statistics.fmean(reached(steps)) if reached(steps) else None}
-               for t, steps in ((t, steps_below(t)) for t in thresholds)}
+            | {f"steps_to_loss_below_{t}": steps_below(t) for t in thresholds}
             | {"min_loss": {"per_seed": got("min_loss"), "mean": statistics.fmean(got("min_loss"))},
                "last_epoch_loss": {"per_seed": last_epoch, "mean": statistics.fmean(last_epoch)},
                "margin_gain": interval(seed_mean_gains(runs)), "n": runs[0]["test_pairs"],

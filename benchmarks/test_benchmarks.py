@@ -337,10 +337,10 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
 
 
 def test_sweep_convergence_tiny_resumes_and_summarises(tmp_path, capsys, monkeypatch):
-    """`sweep.py convergence` on the toy: a second call on the same folder reads its summary and every unit back and
-    rewrites none; validation picks, per method, the lr with the largest margin gain under the drift limit; and a
-    summary row's steps to each loss threshold, its margin gain and YaPO's paired difference from BiPO are recomputed
-    here from the units' losses and rows."""
+    """`sweep.py convergence` on the toy: a second call on the same folder accepts its summary (it names the units'
+    SAE), reads every unit back and rewrites none; validation picks, per method, the lr with the largest margin gain
+    under the drift limit; and a summary row's steps to each loss threshold, its margin gain and YaPO's paired
+    difference from BiPO are recomputed here from the units' losses and rows."""
     folder = tmp_path / "sweep"
     monkeypatch.chdir(ROOT)
     sweep_module = importlib.import_module("sweep")
@@ -400,7 +400,6 @@ def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeyp
     tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
     readme = (ROOT / "README.md").read_text()
     assert len(tables) == 2 and all(t in readme for t in tables)
-
 
 
 def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch):
