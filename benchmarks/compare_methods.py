@@ -184,8 +184,6 @@ def main(argv=None):
     if min(opts.kl) <= 0:
         p.error("--kl must be positive: the drift KL at m = 0 is 0")
     shapes = QUICK if opts.quick else FULL
-    if opts.quick:
-        common.shrink_tiny_lm()
 
     def method_args(mode):
         args, tiny = yapo_args(opts, rest, mode)
@@ -204,7 +202,7 @@ def main(argv=None):
     train_pairs, test_pairs = yapo.load_pairs(args)
     if not test_pairs:
         raise SystemExit("no held-out pairs: raise --test-fraction or mark rows split='test'")
-    model, tok, sae = yapo.setup(args, train_pairs)                # --tiny: built on the training pairs; sets layer
+    model, tok, sae = yapo.setup(args)
     if any(p["rejected"] is None for p in train_pairs + test_pairs) or args.resample_rejected == "all":
         yapo.sample_rejected(model, tok, train_pairs + test_pairs, args)   # as yapo.py: on-policy y_l
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
@@ -248,7 +246,7 @@ def main(argv=None):
     paired_columns = [("comparison", "comparison"), ("at", "at"), ("metric", "metric"), ("difference", "difference"),
                       ("ci95", "+- (95 %)"), ("n", "n"), ("verdict", "at equal drift")]
 
-    setup = (f"yapo.tiny_setup (seed {args.seed}) with yapo.TINY_DEFAULTS" if tiny else
+    setup = (f"the committed toy (benchmarks/toy/), v seed {args.seed}, --preset tiny" if tiny else
              f"{args.model}, SAE {args.sae}" + (f" / {args.sae_id}" if args.sae_id else "") + f", layer {args.layer}")
     note = ((common.TINY_NOTE + " MECHANICS ONLY: this table shows that every method runs end to end and how its "
              "numbers are read, not which method steers better.") if mechanics_only else

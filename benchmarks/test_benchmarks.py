@@ -26,14 +26,6 @@ METHODS = ["none", "CAA", "SAS", "BiPO", "YaPO"]
 sys.path.insert(0, str(HERE))                     # the scripts import their neighbour common.py
 
 
-@pytest.fixture(autouse=True)
-def full_toy_after_each_test(monkeypatch):
-    """--quick runs shrink the toy's language model in this process (common.shrink_tiny_lm); undo that after each
-    test, so that a test of test_yapo.py run later by the same pytest worker builds `yapo.py --tiny`'s own toy."""
-    import yapo
-    monkeypatch.setattr(yapo, "tiny_setup", yapo.tiny_setup)
-
-
 def quick_main(folder, script, *extra):
     """benchmarks/SCRIPT's --quick mode through its main(argv), writing its JSON into FOLDER: that JSON."""
     importlib.import_module(script).main(["--quick", "--out", str(folder / "out.json"), *extra])
@@ -169,7 +161,7 @@ def test_the_local_saes_text_is_every_behaviours_training_split_and_no_held_out_
 
 
 def test_toy_chaos_quick_same_seed_same_bits_and_a_nudge_of_1e_12_grows_a_millionfold(tmp_path):
-    """The README's case for pinning the toy: trained again, its language model is the same bit for bit; from initial
+    """The README's case for committing the toy: trained again, its language model is the same bit for bit; from initial
     weights moved by 1e-12 it ends a million times further apart, even in 13 steps, in float32 and float64."""
     data = quick_main(tmp_path, "toy_chaos")
     assert [r["dtype"] for r in data["rows"]] == ["float32", "float64"]

