@@ -1,6 +1,17 @@
-"""Shared by test_yapo.py and benchmarks/test_benchmarks.py: the opt-in marker `real`."""
+"""Shared by test_yapo.py and benchmarks/test_benchmarks.py: the opt-in marker `real`, and under pytest-xdist one
+thread per worker and per process a test starts (xdist already runs a worker per core; more threads than cores make
+torch's threads wait on each other, many times slower). The tests hold at any thread count."""
 
-import pytest
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"       # before torch is imported; the processes tests start inherit it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

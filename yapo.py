@@ -706,7 +706,7 @@ def vector_metadata(args, sae, size):
     sparse = sae is not None
     return {"format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
             "sae": args.sae if sparse else "", "size": str(size),
-            "sae_id": args.sae_id if sparse and not Path(in_repo(args.sae)).is_dir() else "",   # a folder: one SAE
+            "sae_id": args.sae_id if sparse else "",
             "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
             "d_sae": str(sae.cfg.d_sae) if sparse else "", "lam": str(args.lam), "args": json.dumps(asdict(args))}
 
@@ -801,6 +801,8 @@ def parse_args(argv=None) -> Args:
     defaults = PRESETS.get(preset, {}) | {"preset": preset}
     if preset == "tiny" and first.mode == "dense":
         defaults["lr"] = TINY_DENSE_LR
+    if Path(in_repo(first.sae)).is_dir():                         # a folder holds one SAE: no id within it
+        defaults["sae_id"] = ""
     if first.eval_only:                                           # a vector carries its lam: auto reuses it
         defaults["lam"] = "auto"
     if first.mode in ("caa", "sas"):                              # mean differences are in activation units

@@ -268,8 +268,9 @@ def build(method, model, tok, sae, train, args, tiny, reference=None):
                          "losses": [round(h["loss"], 5) for h in history]}
 
 
-def sweep_unit(env, loaded, behavior, method, seed):
-    """One method on one behaviour at one seed: built on the training pairs, evaluated on every held-out pair."""
+def sweep_unit(env, loaded, behavior, method, seed, path):
+    """One method on one behaviour at one seed: built on the training pairs, evaluated on every held-out pair. Its
+    vector is saved beside its JSON (path, as .safetensors), so that a new evaluation reads it instead of training."""
     train, test = pairs(env, behavior)
     model, tok, sae, layer, model_name, sae_name = loaded.get(behavior)
     args = unit_args(env, behavior, method, seed)
@@ -282,6 +283,8 @@ def sweep_unit(env, loaded, behavior, method, seed):
     reference = loaded.reference(behavior, model, tok, train, args) if method in TRAINED else None
     v, hook_sae, extra = build(method, model, tok, sae, train, args, env.tiny, reference)
     built = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yapo.save_vector(path.with_suffix(".safetensors"), v, args, hook_sae)
     t0 = time.perf_counter()
     if method == "none":                                           # v = 0: every m gives m = 0's numbers
         row = yapo.evaluate(model, tok, None, v, test, dataclasses.replace(args, multipliers=[0.0]))["rows"][0]
@@ -303,8 +306,9 @@ def sweep_unit(env, loaded, behavior, method, seed):
 def run(env, behaviors, methods, seeds, minutes):
     budget, tally, loaded = Budget(minutes), Counter(), Loaded(env)
     for behavior, method, seed in plan(behaviors, methods, seeds):
-        unit(unit_path(env.folder, behavior, method, seed),
-             lambda: sweep_unit(env, loaded, behavior, method, seed), budget, method, tally)
+        path = unit_path(env.folder, behavior, method, seed)
+        unit(path,
+             lambda: sweep_unit(env, loaded, behavior, method, seed, path), budget, method, tally)
     print(f"ran {tally['ran']} units, skipped {tally['skipped']} that exist, {tally['not started']} not started "
           f"(--minutes {minutes:g}) in {env.folder}")
     return tally

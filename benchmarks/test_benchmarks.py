@@ -383,10 +383,10 @@ def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeyp
     committed units, and the committed report is that output: no figure there is typed by hand."""
     monkeypatch.chdir(ROOT)
     folder = tmp_path / "sweep"
-    shutil.copytree(ROOT / "benchmarks" / "results" / "local" / "sweep", folder)
+    shutil.copytree(ROOT / "benchmarks" / "results" / "local" / "sweep_sae_23a3c121", folder)
     importlib.import_module("sweep").main(["report", "--results", str(folder)])
     written = (tmp_path / "sweep.md").read_text()
-    assert written == (ROOT / "benchmarks" / "results" / "local" / "sweep.md").read_text()
+    assert written == (ROOT / "benchmarks" / "results" / "local" / "sweep_sae_23a3c121.md").read_text()
     assert json.loads((tmp_path / "sweep.json").read_text())["missing"] == []
     overview = written.split("## Overview\n")[1].split("\n## ")[0]
     tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
@@ -398,7 +398,7 @@ def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, m
     """sweep/convergence.md, which the README's convergence paragraph quotes, is what `sweep.py convergence` writes
     from the committed runs (all 18 there: it trains nothing and loads no model)."""
     monkeypatch.chdir(ROOT)
-    committed = ROOT / "benchmarks" / "results" / "local" / "sweep"
+    committed = ROOT / "benchmarks" / "results" / "local" / "sweep_sae_23a3c121"
     folder = tmp_path / "sweep"
     shutil.copytree(committed / "convergence", folder / "convergence")
     importlib.import_module("sweep").main(["convergence", "--results", str(folder)])
