@@ -520,7 +520,7 @@ def test_the_first_step_moves_v_by_lr_against_the_gradient_of_eq4(tiny, pairs, a
     the gradient of Eq. 4 over the batch, here from full forwards; YaPO's v has d_sae coordinates, BiPO's d_model."""
     model, tok, sae = tiny
     sae = sae if sparse else None
-    run = replace(args, mode="sparse" if sparse else "dense", epochs=1, batch_size=4, lr=1e-2,
+    run = replace(args, method="yapo" if sparse else "bipo", epochs=1, batch_size=4, lr=1e-2,
                   lam=8.0 if sparse else 1.0, max_grad_norm=1e9)
     four = pairs[0][:4]
     trained, history = yapo.train(model, tok, sae, four, run)
@@ -602,7 +602,7 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tiny, pairs, args):
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 def test_training_on_each_device_keeps_v_float32_and_lowers_the_loss(on_device, pairs, args, sparse):
     model, tok, sae = on_device
-    run = replace(args, mode="sparse" if sparse else "dense", epochs=3, lr=2e-2, lam=8.0 if sparse else 1.0)
+    run = replace(args, method="yapo" if sparse else "bipo", epochs=3, lr=2e-2, lam=8.0 if sparse else 1.0)
     v, history = yapo.train(model, tok, sae if sparse else None, pairs[0][:8], run)
     assert v.dtype == torch.float32 and v.device.type == model.device.type and v.abs().sum() > 0
     losses = [h["loss"] for h in history]
@@ -704,7 +704,7 @@ def test_sas_keeps_a_latent_active_on_more_than_tau_of_a_sides_tokens_but_not_on
 
 def test_sas_vector_is_zero_outside_the_kept_latents_and_works_with_the_hook(tiny, pairs, args):
     model, tok, sae = tiny
-    v = yapo.sas_vector(model, tok, sae, pairs[0][:12], replace(args, mode="sas", sas_tau=0.1))
+    v = yapo.sas_vector(model, tok, sae, pairs[0][:12], replace(args, method="sas", sas_tau=0.1))
     w, l = yapo.contrast_activations(model, tok, sae, pairs[0][:12], args)
     fw, fl = ((torch.cat(x) > 0).float().mean(0) > 0.1 for x in (w, l))
     assert torch.equal(v != 0, fw ^ fl) and (v != 0).any()
@@ -718,9 +718,9 @@ def test_sas_that_keeps_nothing_says_to_lower_tau(tiny, pairs, args):
 
 
 def test_caa_and_sas_vectors_take_lam_1_and_another_lam_is_refused_with_the_reason():
-    assert yapo.parse_args(["--mode", "caa"]).lam == yapo.parse_args(["--tiny", "--mode", "sas"]).lam == 1.0
-    assert yapo.parse_args(["--preset", "cpu", "--mode", "caa"]).lam == 1.0           # not the preset's auto
-    for flags in (["--mode", "caa", "--lam", "10"], ["--tiny", "--mode", "sas", "--lam", "auto"]):
+    assert yapo.parse_args(["--method", "caa"]).lam == yapo.parse_args(["--tiny", "--method", "sas"]).lam == 1.0
+    assert yapo.parse_args(["--preset", "cpu", "--method", "caa"]).lam == 1.0           # not the preset's auto
+    for flags in (["--method", "caa", "--lam", "10"], ["--tiny", "--method", "sas", "--lam", "auto"]):
         with pytest.raises(ValueError, match=r"is a mean difference, already in the units of h .*lam is 1; scale it"):
             yapo.parse_args(flags)
 
@@ -790,7 +790,7 @@ def test_mcq_accuracy_follows_the_steered_model_at_each_multiplier(tiny, args):
     embed = model.get_input_embeddings().weight.detach()
     v = embed[tok.convert_tokens_to_ids("B")] - embed[tok.convert_tokens_to_ids("A")]   # toward label B, away from A
     v = 20 * v / v.norm()
-    run = replace(args, mode="dense", lam=1.0, multipliers=[-1.0, 0.0, 1.0], n_generations=0)
+    run = replace(args, method="bipo", lam=1.0, multipliers=[-1.0, 0.0, 1.0], n_generations=0)
     result = yapo.evaluate(model, tok, None, v, test, run)
     expected = []
     for m in run.multipliers:
@@ -1266,7 +1266,7 @@ def test_vector_file_round_trips_with_its_metadata(tiny, trained):
     assert torch.equal(v, trained["v"]) and lam == trained["args"].lam
     with safe_open(str(trained["path"]), framework="pt") as f:
         meta = f.metadata()
-    assert meta["format"] == yapo.FORMAT_VERSION and meta["mode"] == "sparse" and meta["layer"] == str(LAYER)
+    assert meta["format"] == yapo.FORMAT_VERSION and meta["method"] == "yapo" and meta["layer"] == str(LAYER)
     assert meta["hook_name"] == f"blocks.{LAYER}.hook_resid_post" and meta["d_sae"] == meta["size"] == str(sae.cfg.d_sae)
     assert meta["sae"] == "tiny-jumprelu" and meta["sae_id"] == "seed0"
     assert json.loads(meta["args"])["lr"] == trained["args"].lr
@@ -1277,12 +1277,12 @@ def test_loading_a_vector_for_another_setup_names_each_mismatch(tiny, trained):
     _, _, sae = tiny
     with pytest.raises(ValueError, match=r"layer: saved '2', in use '1'.*sae_id: saved 'seed0', in use 'other'"):
         yapo.load_vector(trained["path"], replace(trained["args"], layer=1, sae_id="other"), sae, 64)
-    with pytest.raises(ValueError, match=r"mode: saved 'sparse', in use 'dense'"):
-        yapo.load_vector(trained["path"], replace(trained["args"], mode="dense"), None, 64)
+    with pytest.raises(ValueError, match=r"method: saved 'yapo', in use 'bipo'"):
+        yapo.load_vector(trained["path"], replace(trained["args"], method="bipo"), None, 64)
 
 
 def test_a_dense_vector_of_another_hidden_size_is_refused(trained, tmp_path):
-    args = replace(trained["args"], mode="dense")
+    args = replace(trained["args"], method="bipo")
     path = tmp_path / "v.safetensors"
     yapo.save_vector(path, torch.ones(32), args, None)
     with pytest.raises(ValueError, match=r"size: saved '32', in use '64'"):
@@ -1364,7 +1364,7 @@ def test_block_zero_cannot_be_exported_for_llama_cpp(tiny, tmp_path):
 
 def test_an_export_llama_cpp_cannot_load_is_refused_before_training(saved_tiny, tmp_path):
     with pytest.raises(ValueError, match="block 0"):
-        yapo.main(["--model", str(saved_tiny / "model"), "--mode", "dense", "--layer", "0", "--device", "cpu",
+        yapo.main(["--model", str(saved_tiny / "model"), "--method", "bipo", "--layer", "0", "--device", "cpu",
                    "--export-gguf", str(tmp_path / "v.gguf"), "--out-dir", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
 
@@ -1486,8 +1486,8 @@ def test_without_the_hub_the_cards_command_fails_within_seconds_naming_both_offl
 
 
 def test_wrong_choice_names_the_valid_choices():
-    with pytest.raises(ValueError, match=r"--mode 'sprase' is not one of \['sparse', 'dense', 'caa', 'sas'\]"):
-        yapo.Args(mode="sprase")
+    with pytest.raises(ValueError, match=r"--method 'sprase' is not one of \['yapo', 'bipo', 'caa', 'sas'\]"):
+        yapo.Args(method="sprase")
     with pytest.raises(SystemExit):
         yapo.parse_args(["--reference", "policy"])
     with pytest.raises(ValueError, match="--lam 'big': give a number or auto"):
@@ -1518,10 +1518,10 @@ def test_presets_set_the_papers_setup_and_explicit_flags_win():
     local = yapo.parse_args(["--preset", "local"])
     assert (local.sae, local.layer, local.lam, local.lr, local.epochs) == (
         "benchmarks/sae-gemma-3-270m-L10", 10, "auto", 3e-3, 4)
-    assert yapo.parse_args(["--tiny", "--mode", "dense"]).lr == yapo.TINY_DENSE_LR   # BiPO's own, as chosen
+    assert yapo.parse_args(["--tiny", "--method", "bipo"]).lr == yapo.TINY_BIPO_LR   # BiPO's own, as chosen
     assert yapo.parse_args(["--tiny", "--lam", "2", "--behavior", "hallucination"]).lam == 2.0
-    assert yapo.parse_args(["--tiny", "--mode", "caa"]).lam == 1.0       # mean differences: activation units
-    assert yapo.parse_args(["--tiny", "--mode", "sas"]).sas_tau == yapo.PRESETS["tiny"]["sas_tau"] < yapo.Args().sas_tau
+    assert yapo.parse_args(["--tiny", "--method", "caa"]).lam == 1.0       # mean differences: activation units
+    assert yapo.parse_args(["--tiny", "--method", "sas"]).sas_tau == yapo.PRESETS["tiny"]["sas_tau"] < yapo.Args().sas_tau
 
 
 @pytest.fixture(scope="session")
@@ -1564,14 +1564,14 @@ def test_eval_only_on_a_file_of_held_out_pairs_needs_no_training_pairs(saved_tin
 def test_main_builds_caa_and_sas_vectors_and_evaluates_them_like_trained_ones(saved_tiny, tmp_path):
     common = ["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
               "--device", "cpu", "--multipliers", "0", "1", "--n-generations", "0", "--sas-tau", "0.1"]
-    for mode in ("caa", "sas"):
-        out = tmp_path / mode
-        pruned = ["--top-k", "8"] if mode == "sas" else []
-        results = yapo.main(common + ["--mode", mode, "--out-dir", str(out)] + pruned)
+    for method in ("caa", "sas"):
+        out = tmp_path / method
+        pruned = ["--top-k", "8"] if method == "sas" else []
+        results = yapo.main(common + ["--method", method, "--out-dir", str(out)] + pruned)
         (run,) = out.iterdir()
         assert results["train"] == [] and len(results["eval"]["rows"]) == 2
         assert results["eval"]["rows"][0]["drift_kl"] == 0 < results["eval"]["rows"][1]["drift_kl"]
-        again = yapo.main(common + ["--mode", mode, "--out-dir", str(out), "--eval-only",
+        again = yapo.main(common + ["--method", method, "--out-dir", str(out), "--eval-only",
                                     "--vector", str(run / "vector.safetensors")] + pruned)
         assert again["eval"]["rows"] == results["eval"]["rows"]          # the saved vector is the built one
 
@@ -1669,7 +1669,7 @@ def test_the_readmes_first_command_steers_the_toy_on_items_it_never_saw(toy, tmp
     yapo.main(["--tiny", "--data", str(DATA), "--out-dir", str(tmp_path / "runs")])
     stdout, (run,) = capsys.readouterr().out, (tmp_path / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
-    args = yapo.Args(**{k: results["args"][k] for k in ("mode", "model", "layer", "sae", "sae_id")})
+    args = yapo.Args(**{k: results["args"][k] for k in ("method", "model", "layer", "sae", "sae_id")})
     v, lam = yapo.load_vector(run / "vector.safetensors", args, sae, model.config.hidden_size)
     rows = {r["multiplier"]: r for r in results["eval"]["rows"]}
     scores = {}
@@ -1753,8 +1753,8 @@ def test_a_refused_vector_writes_nothing_and_names_the_mismatch(saved_tiny, tmp_
               "--device", "cpu", "--multipliers", "0", "--n-generations", "0", "--out-dir", str(tmp_path)]
     yapo.main(common + ["--epochs", "1"])
     (run,) = tmp_path.iterdir()
-    with pytest.raises(ValueError, match="mode: saved 'sparse', in use 'dense'"):
-        yapo.main(common + ["--eval-only", "--vector", str(run / "vector.safetensors"), "--mode", "dense"])
+    with pytest.raises(ValueError, match="method: saved 'yapo', in use 'bipo'"):
+        yapo.main(common + ["--eval-only", "--vector", str(run / "vector.safetensors"), "--method", "bipo"])
     assert list(tmp_path.iterdir()) == [run]
 
 
@@ -1810,7 +1810,7 @@ print(json.dumps({
     "config": CONFIG, "one_vs_two_decodes": (h_one - h_two).abs().max().item(), "max_abs_h": scale,
     "v0_unchanged": unchanged, "hook_vs_steer": hook_diff,
     "loss": {"d": d, "by_hand": by_hand.item(), "yapo_loss": lib.item(), "preference_loss": full.item(),
-             "preference_loss_at_d_plus_1": yapo.preference_loss(model, sae, v_rand, batch, ref_w, ref_l, 1.0,
+             "preference_loss_at_d_plus_1": yapo.batch_loss(model, sae, v_rand, batch, ref_w, ref_l, 1.0,
                                                                  args)[0].item()},
     "train_loss": loss, "batches_per_epoch": batches_per_epoch, "rows": results["rows"], "reads": reads,
     "v_l0": (v != 0).sum().item(), "never_active": ((v != 0) & ~active).sum().item(),

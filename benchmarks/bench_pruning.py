@@ -2,8 +2,8 @@
 |v_i| with yapo.prune, score the held-out pairs with yapo.evaluate at multipliers -1, 0, +1, and list the top
 latents of the full vector with the places in the training texts where each fires most (yapo.latent_contexts).
 
-By default on the offline toy of `yapo.py --tiny` (yapo.tiny_setup on the toy_sentiment training pairs,
-yapo.TINY_DEFAULTS for lambda, learning rate, epochs and warm-up; held-out pairs ask about items never seen).
+By default on the committed toy of `yapo.py --tiny` (benchmarks/toy/, trained on the toy_sentiment training pairs,
+yapo.PRESETS["tiny"] for lambda, learning rate, epochs and warm-up; held-out pairs ask about items never seen).
 With --model/--sae/--layer on a real model and its SAE, with lambda auto and --lr/--epochs.
 
 behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)) on held-out pairs; "effect" = score(+1) -

@@ -2,8 +2,8 @@
 256,000-token vocabulary, three ways:
 
   (a) floor  the frozen model's forward plus the backward to a dense vector at layer L: BiPO as yapo.py
-             trains it (preference_loss with sae=None), no reference term, logits only where needed
-  (b) yapo   YaPO as yapo.py trains it: preference_loss with the SAE hook (one encode, one decode-sized
+             trains it (batch_loss with sae=None), no reference term, logits only where needed
+  (b) yapo   YaPO as yapo.py trains it: batch_loss with the SAE hook (one encode, one decode-sized
              matmul), reference log-probs computed once before training (outside the timed step)
   (c) naive  a literal port of the paper: the reference log-probs by a second (no-grad) forward at every
              step, Eq. 3 with two decodes, logits and log_softmax at every position
@@ -73,14 +73,14 @@ def two_decode_steering(model, layer, v, coeff, sae):
 def floor_loss(model, sae, v, batch, args):
     """(a): BiPO's hook (h + d*lam*v), no reference (zeros), yapo.py's response-only logits."""
     zeros = torch.zeros(len(batch["input_ids"]) // 2)
-    return lambda d: yapo.preference_loss(model, None, v, batch, zeros, zeros, d, args)[0]
+    return lambda d: yapo.batch_loss(model, None, v, batch, zeros, zeros, d, args)[0]
 
 
 def yapo_loss(model, sae, v, batch, args, examples):
     """(b): the reference log-probs once, here, before any timed step; then one steered forward per step."""
     with torch.no_grad():
         ref_w, ref_l = yapo.pair_logprobs(model, examples, len(examples), model.config.pad_token_id)
-    return lambda d: yapo.preference_loss(model, sae, v, batch, ref_w, ref_l, d, args)[0]
+    return lambda d: yapo.batch_loss(model, sae, v, batch, ref_w, ref_l, d, args)[0]
 
 
 def naive_loss(model, sae, v, batch, args):

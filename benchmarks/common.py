@@ -72,11 +72,11 @@ def add_local_model(p, needs_sae=True, overrides=False):
 
 # ---------------------------------------------------------------------------------------------- models and data
 
-def with_mode(flags, mode):
-    """yapo.py flags for one --mode: CAA and SAS lose any --lam (their lam is 1, and yapo.py refuses another)."""
-    if mode in ("caa", "sas"):
+def with_method(flags, method):
+    """yapo.py flags for one --method: CAA and SAS lose any --lam (their lam is 1, and yapo.py refuses another)."""
+    if method in ("caa", "sas"):
         flags = [f for i, f in enumerate(flags) if not (f.startswith("--lam") or i and flags[i - 1] == "--lam")]
-    return flags + ["--mode", mode]
+    return flags + ["--method", method]
 
 
 def gemma2_shaped(vocab_size, hidden_size=256, layers=4, intermediate_size=1024, seed=0):

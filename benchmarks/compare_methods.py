@@ -4,8 +4,8 @@ yapo.evaluate on the same held-out pairs at the same multipliers m (steering wit
   none   v = 0: the unsteered model at every m (the floor every method is compared with)
   CAA    yapo.caa_vector: mean residual-stream difference between chosen and rejected answers
   SAS    yapo.sas_vector: the same in SAE latents, on the latents frequent on one side only
-  BiPO   yapo.train with mode dense: a residual-stream vector learned from the preference pairs
-  YaPO   yapo.train with mode sparse: a vector of SAE latents learned from the preference pairs
+  BiPO   yapo.train with --method bipo: a residual-stream vector learned from the preference pairs
+  YaPO   yapo.train with --method yapo: a vector of SAE latents learned from the preference pairs
 
 Per method: behaviour score (mean sigmoid(log p(y_w|x) - log p(y_l|x))), margin (the mean of that log-prob
 difference in nats, which still moves where the sigmoid saturates) and accuracy at m = -1 and +1, the
@@ -23,7 +23,7 @@ exceeds it), with the margin there.
 Flags this script does not know are passed to yapo.py's parser (e.g. --lam, --epochs, --sas-tau, --format,
 --country); --preset and --tiny change defaults there exactly as they do for yapo.py. The multipliers are
 this script's (-1 and the sweep 0, 0.5, 1, 2, 4, 8). --lam applies to BiPO and YaPO (auto: each its own);
-CAA and SAS always use lam 1, as yapo.py --mode caa|sas does, since their vectors are mean differences already
+CAA and SAS always use lam 1, as yapo.py --method caa|sas does, since their vectors are mean differences already
 in the units of h (or of the latents). On the tiny setup SAS tries --sas-tau 0.1, 0.05, 0.02 in turn unless
 --sas-tau is given. Writes the JSON (--out) and the tables as markdown next to it (<stem>.md).
 """
@@ -41,11 +41,11 @@ FULL = {"multipliers": [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0], "max_train_pairs": 
         "epochs": None}                                            # None: yapo.py's (or the preset's) epochs
 QUICK = {"multipliers": [-1.0, 0.0, 1.0, 4.0], "max_train_pairs": 8, "max_test_pairs": 4, "epochs": 1}
 METHODS = ("none", "CAA", "SAS", "BiPO", "YaPO")
-MODE = {"none": "dense", "CAA": "caa", "SAS": "sas", "BiPO": "dense", "YaPO": "sparse"}
+METHOD = {"none": "bipo", "CAA": "caa", "SAS": "sas", "BiPO": "bipo", "YaPO": "yapo"}   # yapo.py --method
 TINY_SAS_TAUS = (0.1, 0.05, 0.02)   # the tiny SAE's latents are rarer than Gemma Scope's: yapo's 0.7 keeps none
 
 
-def yapo_args(opts, rest, mode="sparse"):
+def yapo_args(opts, rest, method="yapo"):
     """yapo.Args for one mode from yapo.py's own parser: --tiny unless a real model is named, so that --preset,
     --tiny, each mode's own defaults (lam 1 for caa and sas, the toy's lr for dense) and explicit flags combine
     exactly as they do for yapo.py. A --lam given for the trained methods is not handed to caa and sas."""
@@ -55,7 +55,7 @@ def yapo_args(opts, rest, mode="sparse"):
         if value not in (None, ""):
             argv += [flag, str(value)]
     tiny = not (opts.preset or opts.model)
-    return yapo.parse_args(common.with_mode(argv + (["--tiny"] if tiny else []) + rest, mode)), tiny
+    return yapo.parse_args(common.with_method(argv + (["--tiny"] if tiny else []) + rest, method)), tiny
 
 
 def build(method, model, tok, sae, train_pairs, args, tiny, sas_tau_given):
@@ -167,7 +167,7 @@ def passed_through(own):
 
 def main(argv=None):
     own = {"behavior", "seed", "data", "preset", "model", "sae", "sae_id", "layer",           # flags of this script
-           "mode", "multipliers", "n_generations", "max_new_tokens", "top_k", "eval_only", "vector",   # set by it
+           "method", "multipliers", "n_generations", "max_new_tokens", "top_k", "eval_only", "vector",   # set by it
            "export_gguf", "export_multiplier", "out_dir"}
     p = common.parser(__file__, __doc__.strip().split("\n")[0], epilog=passed_through(own))
     p.add_argument("--behavior", default=None, help="which rows of --data (default: yapo.py's; --tiny: the toy)")
@@ -185,15 +185,15 @@ def main(argv=None):
         p.error("--kl must be positive: the drift KL at m = 0 is 0")
     shapes = QUICK if opts.quick else FULL
 
-    def method_args(mode):
-        args, tiny = yapo_args(opts, rest, mode)
+    def method_args(method):
+        args, tiny = yapo_args(opts, rest, method)
         args.multipliers = shapes["multipliers"]
         args.n_generations = 0     # the table reads no answers; evaluate still answers open culture prompts,
         args.max_new_tokens = 1    # so keep those one token long
         args.epochs = shapes["epochs"] or args.epochs
         return args, tiny
 
-    args, tiny = method_args("sparse")                             # sparse: setup loads the SAE too
+    args, tiny = method_args("yapo")                               # YaPO: setup loads the SAE too
     mechanics_only = tiny and args.behavior != "toy_sentiment"     # the toy is the one a tiny model can learn
     if tiny:
         torch.set_num_threads(1)                                   # as yapo.py --tiny: tiny matrices lose on threads
@@ -215,17 +215,17 @@ def main(argv=None):
                          f"--layer, --model and --sae, or pass --lam")
     methods = {}
     for method in METHODS:
-        margs = method_args(MODE[method])[0]
+        margs = method_args(METHOD[method])[0]
         margs.layer = args.layer                                   # --tiny: set by setup
         if method == "none":
             margs.lam = 1.0                                        # v = 0: lam changes nothing
         if margs.lam == "auto":                                    # per method: latents and h differ in scale
-            margs.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(margs.mode) else None, train_pairs, margs)
+            margs.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(margs.method) else None, train_pairs, margs)
         t0 = time.perf_counter()
         v, hook_sae, extra = build(method, model, tok, sae, train_pairs, margs, tiny, sas_tau_given)
         seconds = time.perf_counter() - t0
         rows = yapo.evaluate(model, tok, hook_sae, v, test_pairs, margs)["rows"]
-        methods[method] = {"mode": MODE[method], "space": "SAE latents" if hook_sae is not None else "residual stream",
+        methods[method] = {"mode": METHOD[method], "space": "SAE latents" if hook_sae is not None else "residual stream",
                            "lam": float(margs.lam), "build_seconds": seconds, "l0": int((v != 0).sum()),
                            "norm": v.norm().item(), **extra, "rows": rows, "at_kl": at_kl(rows, opts.kl[0])}
         print(f"{method:>5}: built in {seconds:.1f} s, evaluated", flush=True)

@@ -10,7 +10,7 @@ unsteered and steered at m = -1 and +1 with a YaPO and a BiPO vector: accuracy w
 The vectors come from `yapo.py` runs on the local model, each read back with the arguments stored in its file; run
 from the repository root. The JSON in results/ used the power_seeking vectors of the sweep's settings, seed 0 (the
 README's command in "Results on a pretrained model", with `--seed 0 --n-generations 0 --multipliers -1 1`, and the
-same with `--mode dense`), which reproduce the sweep's YaPO_seed0 and BiPO_seed0 units. The JSON goes to
+same with `--method bipo`), which reproduce the sweep's YaPO_seed0 and BiPO_seed0 units. The JSON goes to
 benchmarks/results/knowledge_check.json. The body of main's loop is the README's recipe, line for line.
 """
 
@@ -39,7 +39,7 @@ def main(argv=None):
         args = yapo.Args(**json.loads(safe_open(path, "pt").metadata()["args"]))   # as the vector was trained
         device, dtype = yapo.pick_device_dtype(args.device, args.dtype)
         model, tok = yapo.load_model(args.model, device, dtype)
-        sae = yapo.load_sae(args.sae, args.sae_id, device, dtype) if yapo.uses_sae(args.mode) else None
+        sae = yapo.load_sae(args.sae, args.sae_id, device, dtype) if yapo.uses_sae(args.method) else None
         v, lam = yapo.load_vector(path, args, sae, model.config.hidden_size, device)
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8)
         tasks = TaskManager(include_path="benchmarks/knowledge")

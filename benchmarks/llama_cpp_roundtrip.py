@@ -127,9 +127,9 @@ def main(argv=None):
                  "relative_difference": unsteered["relative_error"], "top_token_agrees": unsteered["top_token_agrees"]}
 
     vectors = {}
-    for name, mode in (("CAA", "caa"), ("BiPO", "dense"), ("YaPO", "sparse")):
-        margs = yapo.parse_args(common.with_mode(flags, mode))
-        hook_sae = sae if mode == "sparse" else None
+    for name, method in (("CAA", "caa"), ("BiPO", "bipo"), ("YaPO", "yapo")):
+        margs = yapo.parse_args(common.with_method(flags, method))
+        hook_sae = sae if method == "yapo" else None
         if margs.lam == "auto":
             margs.lam = yapo.auto_lam(model, tok, hook_sae, train_pairs, margs)
         v = yapo.build_vector(model, tok, hook_sae, train_pairs, margs, save_to=folder / f"{name}.safetensors")[0]

@@ -248,17 +248,17 @@ def validate(settings=VALIDATION):
         if model is None:
             model, tok, sae = yapo.setup(base)
         for lr in settings["lrs"]:
-            for mode in ("sparse", "dense"):
-                args = yapo.parse_args(FLAGS + ["--behavior", behavior, "--mode", mode, "--lr", str(lr), "--lam",
+            for method in ("yapo", "bipo"):
+                args = yapo.parse_args(FLAGS + ["--behavior", behavior, "--method", method, "--lr", str(lr), "--lam",
                                                 settings["lam"], "--epochs", str(settings["epochs"]),
                                                 "--warmup-steps", str(settings["warmup_steps"]),
                                                 "--multipliers", "-1", "0", "1", "--n-generations", "0"] + extra)
-                hook_sae = sae if mode == "sparse" else None
+                hook_sae = sae if method == "yapo" else None
                 args.lam = yapo.auto_lam(model, tok, hook_sae, fit, args)
                 t0 = time.perf_counter()
                 v, history = yapo.train(model, tok, hook_sae, fit, args)
                 rows = {r["multiplier"]: r for r in yapo.evaluate(model, tok, hook_sae, v, val, args)["rows"]}
-                runs.append({"behavior": behavior, "mode": mode, "lr": lr, "lam": args.lam, "train_pairs": len(fit),
+                runs.append({"behavior": behavior, "mode": method, "lr": lr, "lam": args.lam, "train_pairs": len(fit),
                              "validation_pairs": len(val), "seconds": time.perf_counter() - t0,
                              "final_loss": sum(h["loss"] for h in history[-4:]) / 4,
                              "margin_gain": rows[1.0]["margin"] - rows[-1.0]["margin"],
@@ -288,7 +288,7 @@ BEHAVIORS = {"power_seeking": [], "wealth_seeking": [], "hallucination": [], "ja
 
 # SAS keeps latents active on more than tau of one side's tokens. At the authors' 0.7 this SAE has none on
 # power_seeking (its answers are long and varied, its latents sparse), so SAS would be empty; 0.1 is the toy's
-# value (yapo.TINY_DEFAULTS), one setting for every behaviour, not tuned.
+# value (yapo.PRESETS["tiny"]), one setting for every behaviour, not tuned.
 SAS_TAU = 0.1
 
 

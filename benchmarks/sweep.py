@@ -43,9 +43,8 @@ from m = -1 to +1 with its interval, and the drift at m = +-1; per setting, YaPO
 with the paired interval. One JSON per unit in sweep/convergence/ (validation runs too), and the summary
 sweep/convergence.json and .md. The paper's claim: YaPO's loss below 0.1 within 150 steps, BiPO above 0.3 after 600.
 
---tiny: the toy of yapo.py --tiny (toy_sentiment, its TINY_DEFAULTS), 1 epoch, 4 held-out pairs, its language model
-trained on fewer tokens (as every --quick run): a smoke test of this script, written to benchmarks/results/quick/
-sweep/ (git ignores it). --results puts the units elsewhere; the report goes next to that folder (<folder>.json).
+--tiny: the committed toy of yapo.py --tiny (toy_sentiment, --preset tiny), 1 epoch, 4 held-out pairs: a smoke test
+of this script, written to benchmarks/results/quick/sweep/ (git ignores it). --results puts the units elsewhere; the report goes next to that folder (<folder>.json).
 
 Cost on 2 cores, ESTIMATED (the model's SAE folder was not yet built when this was written; every unit records
 its own seconds, so the first call measures it): from results/local_train_step.json (2.6 s per training step of 4
@@ -153,7 +152,7 @@ def unit_args(env, behavior, method, seed, extra=()):
     argv = env.flags + env.behaviors[behavior] + [
         "--behavior", behavior, "--seed", str(seed or 0), "--n-generations", "0", "--max-new-tokens", "1",
         "--multipliers", *map(str, MULTIPLIERS)] + list(extra)
-    return yapo.parse_args(common.with_mode(argv, compare_methods.MODE[method]))
+    return yapo.parse_args(common.with_method(argv, compare_methods.METHOD[method]))
 
 
 def pairs(env, behavior):
@@ -278,7 +277,7 @@ def sweep_unit(env, loaded, behavior, method, seed, path):
     if method == "none":
         args.lam = 1.0                                             # v = 0: lam changes nothing
     if args.lam == "auto":                                         # per method: latents and h differ in scale
-        args.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(args.mode) else None, train, args)
+        args.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(args.method) else None, train, args)
     t0 = time.perf_counter()                                       # the first trained unit also pays for p_0
     reference = loaded.reference(behavior, model, tok, train, args) if method in TRAINED else None
     v, hook_sae, extra = build(method, model, tok, sae, train, args, env.tiny, reference)
@@ -294,7 +293,7 @@ def sweep_unit(env, loaded, behavior, method, seed, path):
     evaluated = time.perf_counter() - t0
     print(f"{behavior} {method} seed {seed if seed is not None else '-'}: built in {built:.0f} s, "
           f"evaluated in {evaluated:.0f} s", flush=True)
-    return {"behavior": behavior, "method": method, "seed": seed, "mode": args.mode, "tiny": env.tiny,
+    return {"behavior": behavior, "method": method, "seed": seed, "mode": args.method, "tiny": env.tiny,
             "setup": f"{model_name}, SAE {sae_name}, layer {layer}", "sae_sha256": loaded.sae_sha256,
             "lam": float(args.lam), "build_seconds": built, "evaluate_seconds": evaluated,
             "l0": int((v != 0).sum()), "norm": v.norm().item(),

@@ -125,7 +125,7 @@ def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
         assert f"{flag} " in text
     listed = set(re.findall(r"--([a-z-]+)", text))
     import yapo
-    set_by_the_script = {"mode", "multipliers", "n-generations", "max-new-tokens", "top-k", "eval-only", "vector",
+    set_by_the_script = {"method", "multipliers", "n-generations", "max-new-tokens", "top-k", "eval-only", "vector",
                          "export-gguf", "export-multiplier", "out-dir"}
     assert {f.name.replace("_", "-") for f in dataclasses.fields(yapo.Args)} <= listed | set_by_the_script
 
@@ -379,7 +379,7 @@ def test_sweep_convergence_tiny_resumes_and_summarises(tmp_path, capsys, monkeyp
 
 
 def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch):
-    """The two tables of the README's "Results on a pretrained model" are what `sweep.py report` writes from the
+    """The two tables of benchmarks/README's "Results on a pretrained model" are what `sweep.py report` writes from the
     committed units, and the committed report is that output: no figure there is typed by hand."""
     monkeypatch.chdir(ROOT)
     folder = tmp_path / "sweep"
@@ -390,7 +390,7 @@ def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeyp
     assert json.loads((tmp_path / "sweep.json").read_text())["missing"] == []
     overview = written.split("## Overview\n")[1].split("\n## ")[0]
     tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
     assert len(tables) == 2 and all(t in readme for t in tables)
 
 

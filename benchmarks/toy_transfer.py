@@ -1,5 +1,5 @@
 """Does the toy's steering carry beyond its own template? YaPO and BiPO vectors built exactly as
-`python yapo.py --tiny [--mode dense]` builds them (the same toy, settings and seed), evaluated on two held-out
+`python yapo.py --tiny [--method bipo]` builds them (the same toy, settings and seed), evaluated on two held-out
 sets: the toy's test split (items never seen, the training frames and words) and toy_sentiment_novel (items,
 question frames, answer sentences and sentiment words that no toy_sentiment row uses; its words and clauses come
 from the toy's pretraining reviews, offline.toy_reviews, so the model knows them and the steering pairs never
@@ -34,9 +34,9 @@ def one_toy(seed, n_reviews, quick=False):
     model, tok, sae = yapo.setup(args) if n_reviews is None else \
         offline.build_toy(train, seed, lm_tokens=lm_tokens, n_reviews=n_reviews)         # rebuilt by its recipe
     out = {"seed": seed, "reviews": n_reviews, "test_pairs": {SETS[0]: len(test), SETS[1]: len(novel)}, "methods": {}}
-    for name, mode in (("YaPO", "sparse"), ("BiPO", "dense")):
-        margs = yapo.parse_args(flags + ["--mode", mode])
-        hook_sae = sae if mode == "sparse" else None
+    for name, method in (("YaPO", "yapo"), ("BiPO", "bipo")):
+        margs = yapo.parse_args(flags + ["--method", method])
+        hook_sae = sae if method == "yapo" else None
         margs.lam = yapo.auto_lam(model, tok, hook_sae, train, margs)
         v, _ = yapo.train(model, tok, hook_sae, train, margs)
         out["methods"][name] = {}

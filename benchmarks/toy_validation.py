@@ -1,4 +1,4 @@
-"""How the toy's steering settings (yapo.PRESETS["tiny"], TINY_DENSE_LR) are chosen, on validation pairs only: the
+"""How the toy's steering settings (yapo.PRESETS["tiny"], TINY_BIPO_LR) are chosen, on validation pairs only: the
 toy_sentiment training pairs split again by item (12 of the 60 items held back), the toy built on the rest, and
 YaPO and BiPO trained at each candidate learning rate and number of epochs, on 3 seeds. The choice: among the
 candidates whose every run (both methods, every seed) meets the toy's targets on the held-back pairs (a behaviour
@@ -49,9 +49,10 @@ def main(argv=None):
         model, tok, sae = offline.build_toy(fit, seed)              # the toy's recipe on the fit pairs alone
         for mode, lr in BASE_LR.items():
             hook_sae = sae if mode == "sparse" else None
-            lam = yapo.auto_lam(model, tok, hook_sae, fit, dataclasses.replace(base, mode=mode))
+            method = {"sparse": "yapo", "dense": "bipo"}[mode]
+            lam = yapo.auto_lam(model, tok, hook_sae, fit, dataclasses.replace(base, method=method))
             for c in CANDIDATES:
-                args = dataclasses.replace(base, mode=mode, lam=lam, lr=lr * c["scale"], epochs=c["epochs"])
+                args = dataclasses.replace(base, method=method, lam=lam, lr=lr * c["scale"], epochs=c["epochs"])
                 t0 = time.perf_counter()
                 v, _ = yapo.train(model, tok, hook_sae, fit, args)
                 runs.append({"seed": seed, "mode": mode, **c, "lr": args.lr, "seconds": time.perf_counter() - t0,
