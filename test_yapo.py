@@ -828,6 +828,32 @@ def test_drift_is_kl_of_the_steered_distribution_from_the_unsteered_one():
     assert abs(forward - backward) > 0.1
 
 
+def test_calibration_finds_each_sides_multiplier_whose_measured_drift_is_within_5_percent_of_the_target(tiny, pairs,
+                                                                                                       trained):
+    """multiplier_for_drift searches on the drift alone; evaluate, which measures the drift its own way alongside
+    everything else, finds that drift at that multiplier. A target no multiplier up to m_max reaches is None."""
+    model, tok, sae = tiny
+    test, args = pairs[1][:12], replace(trained["args"], n_generations=0)
+    seen = {}
+    for sign in (-1.0, 1.0):
+        found = yapo.multiplier_for_drift(model, tok, sae, trained["v"], test, args, 0.05, sign, seen=seen)
+        assert found["multiplier"] * sign > 0 and abs(found["drift_kl"] / 0.05 - 1) <= 0.05
+        (row,) = yapo.evaluate(model, tok, sae, trained["v"], test, replace(args, multipliers=[found["multiplier"]]))[
+            "rows"]
+        assert row["drift_kl"] == pytest.approx(found["drift_kl"], rel=1e-4)
+    assert yapo.multiplier_for_drift(model, tok, sae, trained["v"], test, args, 1e3, 1.0, m_max=4.0) is None
+
+
+def test_target_kl_evaluates_at_zero_and_at_the_calibrated_multiplier_of_each_side(saved_tiny, tmp_path, capsys):
+    results = yapo.main(["--model", str(saved_tiny / "model"), "--sae", str(saved_tiny / "sae"), "--layer", str(LAYER),
+                         "--epochs", "2", "--lam", "10", "--lr", "5e-3", "--target-kl", "0.02", "--n-generations", "0",
+                         "--device", "cpu", "--out-dir", str(tmp_path)])
+    rows = results["eval"]["rows"]
+    assert [math.copysign(1, r["multiplier"]) if r["multiplier"] else 0 for r in rows] == [-1, 0, 1]
+    assert rows[1]["drift_kl"] == 0 and all(abs(rows[i]["drift_kl"] / 0.02 - 1) <= 0.05 for i in (0, 2))
+    assert "drift KL 0.02 reached at m = -" in capsys.readouterr().out
+
+
 def test_evaluation_on_each_device_is_finite_with_no_drift_unsteered(on_device, pairs, args):
     model, tok, sae = on_device
     v = random_v(sae.cfg.d_sae).to(model.device)

@@ -119,6 +119,8 @@ class Args:
     sas_tau: float = arg(0.7, "SAS: keep latents active on more than this share of a side's tokens")
     # evaluation
     multipliers: list[float] = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
+    target_kl: float = arg(0.0, "instead, evaluate at m = 0 and at the m on each side whose drift KL is this (found "
+                                "by a search on the drift: steer as far as that budget allows)")
     top_k: int = arg(0, "evaluate the YaPO vector pruned to its top-K latents by |v| (0 = all)")
     n_generations: int = arg(3, "held-out prompts to answer greedily at each multiplier, plus every open-ended "
                                 "culture row for a judge (0: none)")
@@ -621,6 +623,40 @@ def mean_interval(values):
 def drift_kl(steered_logp, base_logp):
     """KL(steered || unsteered) per row of two [n, V] log-distributions: what steering costs elsewhere."""
     return F.kl_div(base_logp, steered_logp, log_target=True, reduction="none").sum(-1)
+
+
+@torch.no_grad()
+def multiplier_for_drift(model, tok, sae, v, pairs, args, target, sign=1.0, m_max=64.0, tol=0.05, seen=None):
+    """Steer as far as a drift budget allows: the multiplier m of sign `sign` whose mean drift KL on the pairs'
+    prompts is within tol (relative) of `target`, found on the drift alone (one forward per prompt): |m| doubles
+    until the drift passes the target, then regula falsi on log drift against log m. {"multiplier", "drift_kl"},
+    or None if |m| up to m_max does not reach the target. `seen` caches drift by m across calls on one vector."""
+    seen = {} if seen is None else seen
+    if "base" not in seen:
+        seen["base"] = prompt_scores(model, tok, pairs, args.batch_size, mcq=False)[0]
+
+    def drift(m):                                                 # m >= 0; steered with sign * m
+        if sign * m not in seen:
+            with steering(model, args.layer, v, sign * m * args.lam, sae):
+                steered = prompt_scores(model, tok, pairs, args.batch_size, mcq=False)[0]
+            seen[sign * m] = drift_kl(steered, seen["base"]).mean().item()
+        return seen[sign * m]
+
+    lo, hi = 0.0, 1.0
+    while drift(hi) < target:                                     # bracket the target
+        if hi >= m_max:
+            return None
+        lo, hi = hi, min(2 * hi, m_max)
+    m = hi
+    for _ in range(30):
+        if abs(drift(m) / target - 1) <= tol:
+            return {"multiplier": sign * m, "drift_kl": drift(m)}
+        m = (lo + hi) / 2
+        if lo > 0 and 0 < drift(lo) < target < drift(hi):           # drift ~ m^p near here: interpolate in log-log
+            guess = lo * (hi / lo) ** (math.log(target / drift(lo)) / math.log(drift(hi) / drift(lo)))
+            m = guess if lo < guess < hi else m
+        lo, hi = (m, hi) if drift(m) < target else (lo, m)
+    return None
 
 
 # Open-ended rows are scored by a judge on their greedy answers (generations.jsonl), with a prompt in the spirit of
@@ -1137,6 +1173,14 @@ def show_evaluation(model, tok, sae, v, test_pairs, args, run):
     if args.top_k:
         v, sae = prune(v, sae, args.top_k)
         print(f"evaluating the vector pruned to its top {args.top_k} latents")
+    if args.target_kl:
+        seen = {}
+        found = [multiplier_for_drift(model, tok, sae, v, test_pairs, args, args.target_kl, s, seen=seen)
+                 for s in (-1.0, 1.0)]
+        print(f"drift KL {args.target_kl:g} reached at " + ", ".join(
+            f"m = {f['multiplier']:+.3f} (KL {f['drift_kl']:.4f})" if f else f"no m of sign {s:+.0f} up to 64"
+            for f, s in zip(found, (-1, 1))))
+        args = replace(args, multipliers=sorted([0.0] + [f["multiplier"] for f in found if f]))
     result = evaluate(model, tok, sae, v, test_pairs, args)
     print_table(result["rows"])
     (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in result["generations"]))
