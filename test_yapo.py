@@ -901,6 +901,35 @@ def test_culture_metrics_match_hand_computed_rca_and_pnlg():
     assert half["rca"] == pytest.approx(0.5) and half["pnlg"] == pytest.approx((0.5 / 0.5625 + 0.25 / 0.140625) / 2)
 
 
+def test_rotating_options_moves_each_text_down_the_labels_and_the_answers_follow_their_options():
+    pair = {"prompt": "Which dish?\n(A) Koshari\n(B) Couscous\n(C) Manakish", "chosen": "(A) Koshari, of course",
+            "rejected": "(B) Couscous", "format": "mcq"}
+    turned = yapo.rotate_options(pair, 1)
+    assert turned["prompt"] == "Which dish?\n(A) Manakish\n(B) Koshari\n(C) Couscous"
+    assert (turned["chosen"], turned["rejected"]) == ("(B) Koshari, of course", "(C) Couscous")
+    assert yapo.rotate_options(pair, 3) == pair
+    boxed = {"prompt": "Pick one:\n1. yes\n2. no", "chosen": "\\boxed{2}", "rejected": "\\boxed{1}", "format": "mcq"}
+    assert yapo.rotate_options(boxed, 1) == boxed | {"prompt": "Pick one:\n1. no\n2. yes", "chosen": "\\boxed{1}",
+                                                     "rejected": "\\boxed{2}"}
+
+
+def test_a_model_that_always_picks_the_first_option_scores_exactly_chance_in_every_order(monkeypatch):
+    """Asked in the listed order it scores the share of items whose answer comes first; in every cyclic order each
+    item scores 1 / its number of options, and every pick is at position 1."""
+    pairs = [p for p in load("culture_egypt")[1] + load("power_seeking")[1] if p["format"] == "mcq"]
+    first = lambda ps: [yapo.option_labels(p["prompt"])[0] for p in ps]
+    monkeypatch.setattr(yapo, "prompt_scores", lambda model, tok, ps, batch_size, mcq=True: (None, first(ps)))
+    args = yapo.Args()
+    listed = yapo.mcq_metrics(pairs, first(pairs), args)
+    every = yapo.mcq_every_order(None, None, pairs, first(pairs), args)
+    n_options = [len(yapo.option_labels(p["prompt"])) for p in pairs]
+    assert {2, 4} <= set(n_options)                               # A/B items and the culture items' four options
+    assert every["correct"] == [1 / n for n in n_options]
+    assert every["accuracy"] == pytest.approx(sum(1 / n for n in n_options) / len(pairs), abs=1e-12)
+    assert listed["accuracy"] == pytest.approx(sum(yapo.answer_label(p["chosen"]) in "A1" for p in pairs) / len(pairs))
+    assert every["position_share"][0] == 1.0 and not any(every["position_share"][1:])
+
+
 def test_mcq_choice_is_the_label_with_the_highest_log_probability(tiny):
     model, tok, _ = tiny
     pairs = load("culture_egypt", format="mcq")[1][:4]

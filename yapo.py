@@ -236,11 +236,31 @@ def option_labels(prompt):
     return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
 
 
+def label_match(text):
+    """Where an answer names its option: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
+    return (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
+            or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
+
+
 def answer_label(text):
-    """The option an answer picks: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
-    found = (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
-             or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
+    found = label_match(text)
     return found.group(1) if found else None
+
+
+def rotate_options(pair, k):
+    """The MCQ pair with each option's text moved k labels down (cyclically; the labels stay in order), y_w and y_l
+    naming their options' new labels: the same question with every option at another position."""
+    labels = option_labels(pair["prompt"])
+    lines = re.findall(rf"^\s*\(?{LABEL}[).]\s+(.*)$", pair["prompt"], re.M)             # the option texts, in order
+    moved = iter(lines[-k % len(lines):] + lines[:-k % len(lines)])
+    prompt = re.sub(rf"^(\s*\(?{LABEL}[).]\s+)(.*)$", lambda line: line.group(1) + next(moved), pair["prompt"],
+                    flags=re.M)
+
+    def relabel(answer):
+        found = answer and label_match(answer)
+        new = labels[(labels.index(found.group(1)) + k) % len(labels)] if found else None
+        return answer[:found.start(1)] + new + answer[found.end(1):] if found else answer
+    return pair | {"prompt": prompt, "chosen": relabel(pair["chosen"]), "rejected": relabel(pair["rejected"])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -691,8 +711,9 @@ def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
 
 
 def mcq_metrics(pairs, picks, args):
-    """culture_metrics for all MCQ pairs, and per country where pairs have one."""
-    correct = [float(k == answer_label(p["chosen"])) for p, k in zip(pairs, picks)]
+    """culture_metrics for all MCQ pairs, and per country where pairs have one. picks: the labels picked, or each
+    pair's score in [0, 1] (mcq_every_order's shares)."""
+    correct = [k if isinstance(k, float) else float(k == answer_label(p["chosen"])) for p, k in zip(pairs, picks)]
     out = culture_metrics(pairs, correct, args.pnlg_alpha) | {"correct": correct}    # per row: paired comparisons
     countries = sorted({p["country"] for p in pairs} - {""})
     if countries:
@@ -702,6 +723,20 @@ def mcq_metrics(pairs, picks, args):
             out["per_country"][c] = culture_metrics([pairs[i] for i in mine], [correct[i] for i in mine],
                                                     args.pnlg_alpha)
     return out
+
+
+def mcq_every_order(model, tok, pairs, picks, args):
+    """MCQ metrics free of position bias: each item asked again with its options in every other cyclic order (its
+    answer follows its option), scored by the share of orders it gets right; and how often each position is picked.
+    A model that always picks one position scores exactly chance. `picks`: the labels picked in the listed order."""
+    asked = [(i, rotate_options(p, k)) for i, p in enumerate(pairs) for k in range(1, len(option_labels(p["prompt"])))]
+    _, more = prompt_scores(model, tok, [q for _, q in asked], args.batch_size)
+    right, position = [[] for _ in pairs], []
+    for (i, q), k in zip(list(enumerate(pairs)) + asked, list(picks) + more):
+        right[i].append(float(k == answer_label(q["chosen"])))
+        position.append(option_labels(q["prompt"]).index(k))
+    out = mcq_metrics(pairs, [sum(r) / len(r) for r in right], args)
+    return out | {"position_share": [position.count(j) / len(position) for j in range(max(position) + 1)]}
 
 
 @torch.no_grad()
@@ -729,7 +764,9 @@ def evaluate(model, tok, sae, v, pairs, args):
                                  ("margin", margin)):
                 row[name], row[name + "_ci95"] = mean_interval(values)
             if mcq:
-                row["mcq"] = mcq_metrics(mcq, [k for p, k in zip(pairs, picks) if p["format"] == "mcq"], args)
+                picked = [k for p, k in zip(pairs, picks) if p["format"] == "mcq"]
+                row["mcq"] = mcq_metrics(mcq, picked, args)
+                row["mcq_every_order"] = mcq_every_order(model, tok, mcq, picked, args)
             if mcq and args.mcq_generate:                       # None: an answer that names no option
                 said = [answer_label(generate(model, tok, p["prompt"], args.max_new_tokens)) for p in mcq]
                 row["mcq_generate"] = mcq_metrics(mcq, said, args) | {"unparseable": said.count(None)}
@@ -746,7 +783,7 @@ def print_table(rows):
     print(f"n = {rows[0]['n']} held-out pairs" + (f", {rows[0]['mcq']['n']} MCQ rows" if mcq else "")
           + "; +- is a 95 % interval over pairs")
     print(f"{'multiplier':>10} {'behavior':>13} {'accuracy':>13} {'drift KL':>9} {'margin':>12}"
-          + (f" {'MCQ acc':>13} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7}" if mcq else ""))
+          + (f" {'MCQ acc':>13} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7} {'any order':>13}" if mcq else ""))
     fmt = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
     pm = lambda x, ci, p: f"{x:.{p}f}+-{ci:.{p}f}"
     for r in rows:
@@ -757,7 +794,13 @@ def print_table(rows):
             q = r["mcq"]
             line += (f" {pm(q['accuracy'], q['accuracy_ci95'], 3):>13} {fmt(q['accuracy_localized'], 6, 3)} "
                      f"{fmt(q['accuracy_nonlocalized'], 7, 3)} {fmt(q.get('rca'), 6, 3)} {fmt(q.get('pnlg'), 7, 3)}")
+            q = r["mcq_every_order"]
+            line += f" {pm(q['accuracy'], q['accuracy_ci95'], 3):>13}"
         print(line)
+    for r in rows:                                                # what "any order" averages out
+        if "mcq" in r and r["multiplier"] == 0:
+            print("MCQ picks by option position, unsteered: " + ", ".join(
+                f"{chr(65 + j)} {x:.2f}" for j, x in enumerate(r["mcq_every_order"]["position_share"])))
 
 
 # ----------------------------------------------------------------------------------------------------

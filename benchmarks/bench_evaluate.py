@@ -2,13 +2,14 @@
 
 For each pair and multiplier, yapo.evaluate needs log p(y_w|x) and log p(y_l|x) (behaviour score, accuracy,
 margin), the next-token distribution right after x (drift) and, for an MCQ pair, the log-probability of each
-option label after x. The distinct sequences are x + y_w, x + y_l and x, so the floor is one forward of each
+option label after x in every cyclic order of the options (mcq_every_order). The distinct sequences are x + y_w,
+x + y_l and x in each order, so the floor is one forward of each
 (with the LM head on the positions that are read), plus one unsteered forward of x per call for the drift's
 reference. Three ways, on the same pairs and multipliers:
 
   naive   evaluation as this repository first wrote it: the pair forward, a second forward of the prompt for
-          the drift, and one whole sequence x + option per option, one pair at a time (7 sequences for a
-          4-option pair)
+          the drift, and one whole sequence x + option per option and per cyclic order of the options, one pair
+          at a time (19 sequences for a 4-option pair)
   yapo    yapo.evaluate: the pair forward, then one forward of the prompts that serves the drift and, through
           its key-value cache, every option's few tokens, several pairs per batch
   floor   the distinct sequences alone: x + y_w and x + y_l as yapo.pair_logprobs runs them, and x once
@@ -72,7 +73,16 @@ def naive_evaluate(model, tok, sae, v, pairs, args):
                    "accuracy": (w > l).float().mean().item(), "margin": (w - l).mean().item(),
                    "drift_kl": yapo.drift_kl(next_token_logprobs([p["prompt"] for p in pairs]), base).mean().item()}
             if mcq:
-                row["mcq"] = yapo.mcq_metrics(mcq, mcq_choices(mcq), args)
+                picks = mcq_choices(mcq)
+                row["mcq"] = yapo.mcq_metrics(mcq, picks, args)
+                orders = [[yapo.rotate_options(p, k) for k in range(len(yapo.option_labels(p["prompt"])))] for p in mcq]
+                right, position = [], []
+                for turned in orders:                             # every cyclic order of one item's options
+                    said = [picks[len(right)]] + mcq_choices(turned[1:])
+                    right.append(sum(k == yapo.answer_label(q["chosen"]) for q, k in zip(turned, said)) / len(said))
+                    position += [yapo.option_labels(q["prompt"]).index(k) for q, k in zip(turned, said)]
+                row["mcq_every_order"] = yapo.mcq_metrics(mcq, right, args) | {
+                    "position_share": [position.count(j) / len(position) for j in range(max(position) + 1)]}
         rows.append(row)
     return rows
 
@@ -82,13 +92,15 @@ def naive_evaluate(model, tok, sae, v, pairs, args):
 @torch.no_grad()
 def floor(model, tok, sae, v, pairs, args):
     """One forward of each distinct sequence: x + y_w and x + y_l (with their response log-probs), and x (with
-    the LM head at its last position), per multiplier; x once more unsteered."""
+    the LM head at its last position) in each cyclic order of its options, per multiplier; x once more unsteered."""
     tokenized = [yapo.tokenize_pair(tok, p) for p in pairs]
+    turned = [yapo.prompt_ids(tok, yapo.rotate_options(p, k)["prompt"]) for p in pairs if p["format"] == "mcq"
+              for k in range(1, len(yapo.option_labels(p["prompt"])))]
 
-    def prompts():
-        for i in range(0, len(pairs), args.batch_size):
-            batch = yapo.collate([(x, []) for x, _, _ in tokenized[i:i + args.batch_size]], tok.pad_token_id,
-                                 model.device)
+    def prompts(extra=()):
+        xs = [x for x, _, _ in tokenized] + list(extra)
+        for i in range(0, len(xs), args.batch_size):
+            batch = yapo.collate([(x, []) for x in xs[i:i + args.batch_size]], tok.pad_token_id, model.device)
             hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             yapo.lm_head_logits(model, hidden[torch.arange(len(hidden)), batch["prompt_lens"] - 1])
 
@@ -96,7 +108,7 @@ def floor(model, tok, sae, v, pairs, args):
     for m in args.multipliers:
         with yapo.steering(model, args.layer, v, m * args.lam, sae):
             yapo.pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
-            prompts()
+            prompts(turned)
 
 
 # ---------------------------------------------------------------------------------------------- measuring

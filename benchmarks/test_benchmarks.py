@@ -225,7 +225,8 @@ def test_evaluate_quick(tmp_path):
     assert data["naive_vs_yapo_max_abs_difference"] < 1e-4             # the same metrics, computed two ways
     (k,) = data["shapes"]["option_counts"]                              # options per MCQ pair
     base = 1 / len(data["shapes"]["multipliers"])                       # the unsteered prompt pass, once per call
-    expected = {"naive": (2 + 1 + k + base, 0), "yapo": (2 + 1 + base, k), "floor": (2 + 1 + base, 0)}
+    # k cyclic orders of an item's k options: its prompt in each order, each order's k options
+    expected = {"naive": (2 + 1 + k * k + base, 0), "yapo": (2 + k + base, k * k), "floor": (2 + k + base, 0)}
     for name, (sequences, continuations) in expected.items():
         v = data["variants"][name]
         has(v, ["median_s", "seconds", "s_per_pair_per_multiplier", "sequences_per_pair_per_multiplier",
