@@ -15,8 +15,11 @@ local_gemma3.SAS_TAU; culture behaviours on their MCQ rows) and evaluated by yap
 pairs at m = -1, 0, 0.5, 1, 2, 4. The seed changes the training order and the directions d; the held-out pairs
 stay fixed (data_sample.jsonl marks every row's split). none, CAA and SAS have no randomness: one unit each per
 behaviour (<method>.json), read for every seed. One unit: benchmarks/results/local/sweep/<behaviour>/<method>
-[_seed<k>].json, with the evaluate rows (per-pair margins and drifts, MCQ correctness), lam, build and evaluation
-seconds and, for BiPO and YaPO, the training loss of every step. A call starts a unit only while --minutes have
+[_seed<k>].json, with the evaluate rows (per-pair margins and drifts, MCQ correctness in the listed order and in every
+order), lam, build and evaluation seconds and, for BiPO and YaPO, the training loss of every step; beside it the
+vector (<unit>.safetensors), so that a new evaluation reads it instead of training again; and under "at_kl" the
+held-out pairs evaluated at the multiplier of each sign whose measured drift KL is within 5 % of 0.05 and of 0.2
+(yapo.multiplier_for_drift: a search on the drift alone; null where |m| up to M_MAX = 16 does not reach it). A call starts a unit only while --minutes have
 not passed and, once it has made a unit of that method, only if one more such unit would end within them.
 
 Every unit records the sha256 of the SAE it used (local_gemma3.sae_fingerprint), and run, convergence and report
@@ -111,6 +114,7 @@ SEED_INDEPENDENT = ("none", "CAA", "SAS")           # no randomness in how they 
 TRAINED = ("BiPO", "YaPO")
 MULTIPLIERS = [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0]
 KLS = [0.05, 0.2]                                   # equal drift: where YaPO is compared with each baseline
+M_MAX = 16.0                                        # calibration: a drift no |m| up to this reaches is "not reached"
 BASELINES = ("CAA", "SAS", "BiPO")                  # none never drifts, so it never reaches an equal drift
 # sentiment is the behaviour written for the pretrained model, after local_gemma3.py's one-seed tables were made:
 # their list does not hold it
@@ -291,15 +295,33 @@ def sweep_unit(env, loaded, behavior, method, seed, path):
     else:
         rows = yapo.evaluate(model, tok, hook_sae, v, test, args)["rows"]
     evaluated = time.perf_counter() - t0
-    print(f"{behavior} {method} seed {seed if seed is not None else '-'}: built in {built:.0f} s, "
-          f"evaluated in {evaluated:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    calibrated = calibrated_rows(model, tok, hook_sae, v, test, args) if method != "none" else {}
+    print(f"{behavior} {method} seed {seed if seed is not None else '-'}: built in {built:.0f} s, evaluated in "
+          f"{evaluated:.0f} s, calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
     return {"behavior": behavior, "method": method, "seed": seed, "mode": args.method, "tiny": env.tiny,
             "setup": f"{model_name}, SAE {sae_name}, layer {layer}", "sae_sha256": loaded.sae_sha256,
             "lam": float(args.lam), "build_seconds": built, "evaluate_seconds": evaluated,
             "l0": int((v != 0).sum()), "norm": v.norm().item(),
             **extra, "train_pairs": len(train), "test_pairs": len(test), "multipliers": MULTIPLIERS,
-            "rows": rows, "at_kl": {str(kl): compare_methods.at_kl(rows, kl) for kl in KLS},
+            "rows": rows, "at_kl": calibrated, "m_max": M_MAX,
+            "at_kl_interpolated": {str(kl): compare_methods.at_kl(rows, kl) for kl in KLS},
             "args": dataclasses.asdict(args), "machine": common.machine()}
+
+
+def calibrated_rows(model, tok, sae, v, test, args):
+    """For each target drift and each sign, the held-out pairs evaluated at the multiplier whose measured drift KL
+    is within 5 % of the target (yapo.multiplier_for_drift, on the drift alone): {"0.05": {"plus": row | None,
+    "minus": ...}, ...}, each row with its "multiplier" and the "drift_kl" measured there; None: not reached for
+    |m| up to M_MAX."""
+    out, seen = {}, {}
+    for kl in KLS:
+        out[str(kl)] = {}
+        for sign, side in ((1.0, "plus"), (-1.0, "minus")):
+            found = yapo.multiplier_for_drift(model, tok, sae, v, test, args, kl, sign, m_max=M_MAX, seen=seen)
+            out[str(kl)][side] = found and yapo.evaluate(
+                model, tok, sae, v, test, dataclasses.replace(args, multipliers=[found["multiplier"]]))["rows"][0]
+    return out
 
 
 def run(env, behaviors, methods, seeds, minutes):

@@ -49,6 +49,11 @@ def quick_json(folder):
     return data
 
 
+def safe_vector(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))["v"]
+
+
 def has(d, keys):
     missing = set(keys) - set(d)
     assert not missing, f"missing fields {sorted(missing)}"
@@ -295,6 +300,16 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in units) == sorted(["none.json", "CAA.json", "SAS.json"] + [
         f"{m}_seed{s}.json" for m in ("BiPO", "YaPO") for s in (0, 1)])
     mtimes = [p.stat().st_mtime_ns for p in units]
+    import yapo
+    for path in units:                   # each unit's vector beside it, and its rows at a measured, calibrated drift
+        unit = json.loads(path.read_text())
+        sparse = yapo.uses_sae(unit["args"]["method"])         # the toy: d_sae 512, d_model 64
+        assert safe_vector(path.with_suffix(".safetensors")).numel() == (512 if sparse else 64)
+        for kl, sides in unit["at_kl"].items():
+            for side, row in sides.items():
+                assert row is None or (abs(row["drift_kl"] / float(kl) - 1) <= 0.05
+                                       and (row["multiplier"] > 0) == (side == "plus"))
+    assert any(row for p in units for sides in json.loads(p.read_text())["at_kl"].values() for row in sides.values())
     assert "ran 0 units, skipped 7 that exist" in sweep("run")
     assert [p.stat().st_mtime_ns for p in units] == mtimes
     kl = 0.001                                                  # the toy's trained vectors cross it by m = 4
