@@ -19,7 +19,7 @@ for tiny and small also the models and SAEs; the train/test split stays the same
 
     python benchmarks/bench_convergence.py            # tiny and small, and convergence.png (a few minutes)
     python benchmarks/bench_convergence.py --model benchmarks/local/gemma-3-270m \
-        --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr 3e-3 --epochs 6 \
+        --sae benchmarks/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr 3e-3 --epochs 6 \
         --out benchmarks/results/local_convergence.json         # the real model: 6 runs of 60 steps (about 30 min)
     python benchmarks/bench_convergence.py --quick    # smoke test of the code paths: 1 seed, 1 epoch on 8 pairs
 """

