@@ -436,13 +436,63 @@ def holm(p_values, alpha=0.05):
     return reject
 
 
+def calibrated(entry):
+    """Whether a unit holds rows at calibrated drifts (at_kl: {kl: {"plus": row, "minus": row}}), not the
+    interpolated points of the units measured before calibration."""
+    return all(isinstance(sides, dict) and "plus" in sides for sides in entry["at_kl"].values())
+
+
+def calibrated_paired_rows(behavior, runs, kls, clusters):
+    """YaPO minus each baseline at each equal drift (m > 0), per metric, from the rows evaluated at each run's
+    calibrated multiplier: paired_interval over question groups and seeds, with its p-value for Holm's correction
+    (report). Metrics: score and margin; on MCQ behaviours the accuracy over every order of the options too."""
+    mcq = "mcq" in runs["YaPO"][0]["rows"][0]
+    metrics = ["behavior_score", "margin"] + ["mcq_every_order"] * mcq
+    values = lambda row, metric: (torch.tensor(row["mcq_every_order"]["correct"], dtype=torch.float64)
+                                  if metric == "mcq_every_order" else compare_methods.per_pair(row, metric))
+    out = []
+    for other in (b for b in BASELINES if b in runs):
+        for kl in kls:
+            reach = {m: [e["at_kl"][str(kl)]["plus"] for e in runs[m] if e["at_kl"][str(kl)]["plus"]]
+                     for m in ("YaPO", other)}
+            for metric in metrics:
+                row = {"behavior": behavior, "comparison": f"YaPO - {other}", "at": f"KL {kl:g}", "metric": metric,
+                       "runs_reaching": f"{len(reach['YaPO'])}/{len(runs['YaPO'])} vs "
+                                        f"{len(reach[other])}/{len(runs[other])}"}
+                if not reach["YaPO"] or not reach[other]:
+                    out.append(row | {"difference": "not reached", "ci95": None, "n": None, "p": None, "verdict": None})
+                    continue
+                a, b = (torch.stack([values(r, metric) for r in reach[m]]) for m in ("YaPO", other))
+                cl = clusters if metric != "mcq_every_order" else [c for c, p in clusters.mcq]
+                out.append(row | paired_interval(a, b, cl) | {"n": a.shape[1]})
+    return out
+
+
+class Clusters(list):
+    """The held-out pairs' cluster ids (a question's group, else the pair itself), and those of its MCQ pairs."""
+
+    def __init__(self, test_pairs):
+        super().__init__((p["group"] or p["where"]) for p in test_pairs)
+        self.mcq = [(p["group"] or p["where"], p) for p in test_pairs if p["format"] == "mcq"]
+
+
+def holm_verdicts(paired, alpha=0.05):
+    """Every comparison that was reached gets a verdict after Holm's correction across all of them: 'better' or
+    'worse' where it rejects "no difference" at family-wise level alpha, else 'cannot tell'."""
+    tested = [r for r in paired if r.get("p") is not None]
+    for r, reject in zip(tested, holm([r["p"] for r in tested], alpha)):
+        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
+        r["uncorrected"] = "excludes 0" if abs(r["difference"]) > r["ci95"] else "contains 0"
+    return len(tested)
+
+
 def pm(cell, style=".3f"):
     """A mean and its interval: '0.612 ± 0.041'."""
     return "-" if cell is None else f"{cell['mean']:{style}} ± {cell['ci95']:{style}}"
 
 
 LABELS = {"behavior_score": ("score", ".3f"), "margin": ("margin", ".2f"), "drift_kl": ("drift KL", ".2g"),
-          "mcq_accuracy": ("MCQ acc", ".3f")}
+          "mcq_accuracy": ("MCQ acc", ".3f"), "mcq_every_order": ("MCQ any order", ".3f")}
 
 
 def overview(summary, paired, kls):
@@ -504,8 +554,12 @@ def report(env, behaviors, seeds, kls):
         runs = {m: [e for (b, mm, _), e in found.items() if (b, mm) == (behavior, m)] for m in METHODS}
         runs = {m: entries for m, entries in runs.items() if entries}
         summary += [summary_row(behavior, m, entries) for m, entries in runs.items()]
-        if "YaPO" in runs:
+        if "YaPO" in runs and all(calibrated(e) for entries in runs.values() for e in entries):
+            measured = [kl for kl in kls if str(kl) in runs["YaPO"][0]["at_kl"]]    # the drifts calibrated for
+            paired += calibrated_paired_rows(behavior, runs, measured, Clusters(pairs(env, behavior)[1]))
+        elif "YaPO" in runs:
             paired += paired_rows(behavior, runs, kls)
+    family = holm_verdicts(paired) if any("p" in r for r in paired) else None
     setup = next(iter(found.values()))["setup"] if found else None
     note = ((common.TINY_NOTE + " " if env.tiny else "") + f"{setup}. Each cell: the mean over the held-out pairs "
             f"(n) and its 95 % interval (1.96 standard errors), each pair's value first averaged over the seeds "
@@ -513,10 +567,21 @@ def report(env, behaviors, seeds, kls):
             f"run each, for every seed. Equal drift: each pair's value where that run's drift KL reaches the KL, "
             f"interpolated between the two multipliers around it (m >= 0); runs that never reach it are left out, "
             f"'runs reaching it' counts them. {len(found)} units read, {len(missing)} missing.")
+    if family is not None:
+        note = ((common.TINY_NOTE + " " if env.tiny else "") + f"{setup}. Each cell of the method tables: the mean "
+                f"over the held-out pairs (n) and 1.96 standard errors, each pair first averaged over the seeds. "
+                f"none, CAA and SAS have no randomness: one run each, for every seed. Equal drift: each run evaluated "
+                f"at the multiplier (m > 0) whose measured drift KL is within 5 % of the KL (yapo.multiplier_for_drift;"
+                f" not reached past m = {M_MAX:g}). YaPO minus a baseline: the mean over the pairs reached, with a 95 "
+                f"% interval that counts question groups and seeds (paired_interval: a cluster-robust variance over "
+                f"the groups of pairs, both forms of a culture question together, plus the variance of each method's "
+                f"run means over its runs; Student's t, Welch-Satterthwaite degrees of freedom), and a verdict after "
+                f"Holm's correction across the {family} comparisons of this report (family-wise level 0.05). "
+                f"{len(found)} units read, {len(missing)} missing.")
     results = {"benchmark": "sweep", "tiny": env.tiny, "setup": setup, "sae_sha256": sae_sha256, "seeds": seeds,
                "multipliers": MULTIPLIERS,
                "kls": kls, "units": len(found), "missing": missing, "summary": summary, "paired": paired,
-               "note": note}
+               "note": note} | ({"comparisons": family, "correction": "Holm"} if family is not None else {})
     out = env.folder.with_suffix(".json")
     common.write_json(out, results)
     out.with_suffix(".md").write_text(report_markdown(env, summary, paired, missing, seeds, note, kls))

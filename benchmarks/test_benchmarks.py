@@ -312,24 +312,35 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert any(row for p in units for sides in json.loads(p.read_text())["at_kl"].values() for row in sides.values())
     assert "ran 0 units, skipped 7 that exist" in sweep("run")
     assert [p.stat().st_mtime_ns for p in units] == mtimes
-    kl = 0.001                                                  # the toy's trained vectors cross it by m = 4
-    sweep("report", "--kl", str(kl))
+    sweep("report")
     data = json.loads((tmp_path / "sweep.json").read_text())
-    assert data["units"] == 7 and data["missing"] == []
+    assert data["units"] == 7 and data["missing"] == [] and data["correction"] == "Holm"
+    assert data["comparisons"] == sum(r["p"] is not None for r in data["paired"]) > 0
 
-    def margins_at_kl(method, seed):     # per pair, linearly where the run's drift first exceeds kl (m >= 0)
-        run = json.loads((folder / "toy_sentiment" / f"{method}_seed{seed}.json").read_text())
-        rows = sorted((r for r in run["rows"] if r["multiplier"] >= 0), key=lambda r: r["multiplier"])
-        lo, hi = next((a, b) for a, b in zip(rows, rows[1:]) if b["drift_kl"] > kl)
-        t = (kl - lo["drift_kl"]) / (hi["drift_kl"] - lo["drift_kl"])
-        return [a + t * (b - a) for a, b in zip(lo["per_pair"]["margin"], hi["per_pair"]["margin"])]
-
-    seed_mean = lambda method: [statistics.fmean(x) for x in zip(*(margins_at_kl(method, s) for s in (0, 1)))]
-    diffs = [a - b for a, b in zip(seed_mean("YaPO"), seed_mean("BiPO"))]
-    (row,) = [r for r in data["paired"] if r["comparison"] == "YaPO - BiPO" and r["metric"] == "margin"]
-    assert row["n"] == len(diffs) == 4 and row["runs_reaching"] == "2/2 vs 2/2"
-    assert close(row["difference"], statistics.fmean(diffs))
-    assert close(row["ci95"], 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5)
+    # YaPO minus BiPO on the margin at KL 0.05, from the rows at each run's calibrated multiplier: the seed-averaged
+    # difference per pair; its variance the cluster-robust one over the items' groups plus each method's run-to-run
+    # variance over its runs; Student's t at the Welch-Satterthwaite degrees of freedom
+    from scipy import stats
+    margins = lambda m: [json.loads((folder / "toy_sentiment" / f"{m}_seed{s}.json").read_text())["at_kl"]["0.05"][
+        "plus"]["per_pair"]["margin"] for s in (0, 1)]
+    a, b = margins("YaPO"), margins("BiPO")
+    d = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(zip(*a), zip(*b))]
+    import yapo
+    groups = [p["group"] for p in yapo.load_pairs(yapo.parse_args(["--tiny"]))[1][:4]]
+    mean, C = statistics.fmean(d), len(set(groups))
+    sums = {g: sum(x for x, h in zip(d, groups) if h == g) for g in groups}
+    parts = [(C / (C - 1) * sum((sums[g] - mean * groups.count(g)) ** 2 for g in sums) / len(d) ** 2, C - 1)]
+    parts += [(statistics.variance([statistics.fmean(r) for r in runs]) / 2, 1) for runs in (a, b)]
+    var = sum(v for v, _ in parts)
+    half = stats.t.ppf(0.975, var ** 2 / sum(v ** 2 / k for v, k in parts)) * var ** 0.5
+    (row,) = [r for r in data["paired"] if r["comparison"] == "YaPO - BiPO" and r["metric"] == "margin"
+              and r["at"] == "KL 0.05"]
+    assert row["n"] == len(d) == 4 and row["runs_reaching"] == "2/2 vs 2/2"
+    assert close(row["difference"], mean) and close(row["ci95"], half)
+    tested = [r for r in data["paired"] if r["p"] is not None]   # Holm's verdicts, across every comparison
+    rejects = importlib.import_module("sweep").holm([r["p"] for r in tested])
+    assert [r["verdict"].split(" at ")[0] for r in tested] == [
+        ("better" if r["difference"] > 0 else "worse") if x else "cannot tell" for r, x in zip(tested, rejects)]
 
     fingerprints = {json.loads(p.read_text())["sae_sha256"] for p in units}
     assert len(fingerprints) == 1 and data["sae_sha256"] in fingerprints and re.fullmatch(r"[0-9a-f]{64}",
