@@ -75,10 +75,11 @@ BiPO and YaPO 3.7-4.1 minutes to build (60 steps: 3.7-4.1 s a step, not 2.6) and
 all; CAA 5.3 (1.3 + 4.0, the cores shared), SAS 3.3 (0.5 + 2.8), none 0.8. On power_seeking (36 minutes): BiPO and
 YaPO 4.7-4.9 minutes (48 steps at 2.3-2.6 s, then 2.7-3.0 to evaluate), CAA 3.3, SAS 3.2, none 0.6. So about 1.1
 times the estimate: some 5½ hours for the whole sweep and 2 for convergence on idle cores.
-MEASURED with the committed SAE and calibration (results/local/sweep/, an Intel Xeon of 2 cores, shared now and then
-with tests): none 0.5 minutes; CAA 6 (0.2 to build, 3.3 to evaluate the grid, 2.5 to calibrate); SAS 9 (calibration
-6.8: it drifts little, so its search runs up to large m). Evaluation costs more than before, since each MCQ item is
-asked in every order of its options; plan on 8-9 minutes a trained unit and about 9 hours for the 72 units.
+MEASURED with the committed SAE and calibration (results/local/sweep/, an Intel Xeon of 2 cores): on idle cores
+none 0.4 minutes, SAS 4.7 (0.2 to build, 2.1 to evaluate the grid, 2.5 to calibrate), BiPO and YaPO on wealth_seeking
+5.5-5.8 (1.1-1.3 to build, 2.1 to evaluate, 2.3-2.5 to calibrate); with the cores shared, 1.5 to 2 times that (the
+first power_seeking units). Each MCQ item is now asked in every order of its options. Plan on about 6 minutes a
+trained unit and 6 to 7 hours for the 72 units on idle cores.
 MEASURED with the SAE 23a3c121 before calibration (results/local/sweep_sae_23a3c121/, 2 AMD EPYC cores, idle; each
 unit's seconds are in its JSON): BiPO and YaPO on an open behaviour 1.5-3.7 minutes to build (48 steps; sentiment 60) and 2.1-4.9 to
 evaluate, 4-6.5 in all; on a culture behaviour 1.5-2 and 2.6-3.5, 4-5 in all; CAA and SAS 0.2-0.3 to build and
