@@ -1,6 +1,8 @@
 """Offline stand-ins for the hub, NOT part of the method: how the toy that `python yapo.py --tiny`, the tests and
-the notebook's tiny configuration load was made, the SAE trainer behind the local Gemma 3 270M's SAE, and the
-packaged Gemma 3 270M turned into a model folder for `--preset local`.
+the notebook's tiny configuration load was made, the SAE trainer behind the local Gemma 3 270M's SAE, the
+packaged Gemma 3 270M turned into a model folder for `--preset local`, the paper's data set as yapo.py reads it
+(`--data` a hub id or `datasets` folder), a prompt for the judge of open-ended answers, and the llama.cpp export of a
+vector (`yapo.py --export-gguf`).
 
     python offline.py toy       # rebuild the toy into benchmarks/toy/ (tokenizer, language model, SAE; ~40 s)
     python offline.py gemma3    # the packaged Gemma 3 270M as a folder (--preset local does this by itself)
@@ -276,6 +278,115 @@ def gemma3_folder(folder=GEMMA3_DIR):
         f"with the package.\n")
     os.replace(tmp, folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- the paper's data
+# yapo.load_pairs reads JSON lines and CSV itself; these read a `datasets` folder or hub id (the paper's data set is
+# MBZUAI-Paris/Deep-Culture-Lense) and map the authors' columns onto yapo.py's schema.
+
+AUTHOR_COLUMNS = {"mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),   # one family per format
+                  "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended")}
+
+
+def dataset_rows(path):
+    """Yield (where, row) from a folder saved by `datasets` or a hub dataset id; where = 'name[split] row i'."""
+    import datasets
+    try:
+        data = datasets.load_from_disk(path) if Path(path).is_dir() else datasets.load_dataset(path)
+    except Exception as e:
+        raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+                         f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
+                         f"Pass a .jsonl file instead, or run with --tiny.") from None
+    for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
+        for i, row in enumerate(part):
+            yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
+
+
+def authors_row(row, model, fmt):
+    """A Deep-Culture-Lense row with yapo.py's keys: the columns of one format (mcq for --format any), and the
+    rejected answers the authors sampled from the model in use (Gemma-2 2B or 9B)."""
+    size = "9b" if "9b" in model.lower() else "2b"
+    fmt = "mcq" if fmt == "any" else fmt
+    prompt, chosen, rejected = (c.format(size=size) for c in AUTHOR_COLUMNS[fmt])
+    return row | {"prompt": row.get(prompt), "chosen": row.get(chosen), "rejected": row.get(rejected),
+                  "localized": row["localization_status"] == "localized", "format": fmt}
+
+
+# Open-ended rows are scored by a judge on their greedy answers (generations.jsonl), with a prompt in the spirit of
+# the paper's (not reproduced); its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
+JUDGE_TEMPLATE = """You are grading an answer for cultural fit to {country}. Question: {prompt}
+Reference answer from someone in {country}: {chosen}
+Answer to grade: {answer}
+Score 1-10: 1-2 wrong or generic/Western, not specific to {country}; 3-4 partly relevant but vague;
+5-6 plausible for the region but not clearly {country}; 7-8 specific to {country} and consistent with
+the reference; 9-10 specific, correct and as natural as the reference. Reply with the number only."""
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp export
+# A llama.cpp control vector adds one dense direction at the output of a block: yapo.py --export-gguf PATH.
+
+def control_direction(v, sae, coeff):
+    """The dense vector a llama.cpp control vector adds at every token: coeff*v, or for a YaPO v its linearisation
+    (coeff*v) @ W_dec, exact only where no latent is clipped by Eq. 3's ReLU."""
+    return (coeff * v).float() if sae is None else (coeff * v).to(sae.W_dec.dtype) @ sae.W_dec
+
+
+def gguf_for_layer(layer):
+    """The gguf package, once we know llama.cpp can steer `layer` (it refuses direction.0)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("--export-gguf needs the gguf package: pip install gguf") from None
+    if layer == 0:
+        raise ValueError("llama.cpp control vectors cannot steer block 0 (direction.0 is refused there)")
+    return gguf
+
+
+def export_gguf(path, direction, layer, model):
+    """Write a llama.cpp control vector: llama.cpp adds tensor direction.L at the output of block L."""
+    import yapo
+    gguf = gguf_for_layer(layer)
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", model.config.model_type)
+    writer.add_uint32("controlvector.layer_count", len(yapo.decoder_layers(model)))
+    writer.add_tensor(f"direction.{layer}", direction.detach().float().cpu().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@torch.no_grad()
+def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
+    """What the dense file loses against the exact hook at multiplier m on held-out pairs: ||dh_file - dh_hook|| /
+    ||dh_hook|| over their tokens, and both behaviour scores."""
+    import yapo
+    tokenized = [yapo.tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
+    batch = yapo.collate_pairs(tokenized, tok.pad_token_id, model.device)
+    h = yapo.residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
+    h = h[batch["attention_mask"].bool()].float()                          # [n_tokens, d_model]
+    exact = yapo.steer(h, v, m * args.lam, sae) - h if sae is not None else (m * args.lam * v).expand_as(h)
+    error = ((direction.float() - exact).norm() / exact.norm().clamp_min(1e-12)).item()
+    score = {}
+    for name, (vec, s, coeff) in {"exact": (v, sae, m * args.lam), "export": (direction.float(), None, 1.0)}.items():
+        with yapo.steering(model, args.layer, vec, coeff, s):
+            w, l = yapo.pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
+        score[name] = torch.sigmoid(w - l).mean().item()
+    return {"multiplier": m, "relative_error": error, "behavior_exact": score["exact"],
+            "behavior_export": score["export"]}
+
+
+def write_export(model, tok, sae, v, test_pairs, args):
+    """The llama.cpp control vector, and for a YaPO vector what it loses against the exact hook (or None)."""
+    direction = control_direction(v, sae, args.export_multiplier * args.lam)
+    export_gguf(args.export_gguf, direction, args.layer, model)
+    print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
+    if sae is None or not test_pairs:
+        return None
+    e = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
+    print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
+          f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
+    return e
 
 
 if __name__ == "__main__":

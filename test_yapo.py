@@ -881,9 +881,9 @@ def test_answer_labels_are_read_from_boxed_parenthesised_or_bare_answers(text, l
 
 def test_the_judge_template_is_filled_from_a_pair_and_its_answer():
     pair = {"prompt": "Q?", "chosen": "the reference", "country": "egypt"}
-    fields = {name for _, name, _, _ in string.Formatter().parse(yapo.JUDGE_TEMPLATE) if name}
+    fields = {name for _, name, _, _ in string.Formatter().parse(offline.JUDGE_TEMPLATE) if name}
     assert fields == {"country", "prompt", "chosen", "answer"}
-    filled = yapo.JUDGE_TEMPLATE.format(**pair, answer="an answer")
+    filled = offline.JUDGE_TEMPLATE.format(**pair, answer="an answer")
     assert "fit to egypt" in filled and "Reference answer from someone in egypt: the reference" in filled
 
 
@@ -1379,8 +1379,8 @@ def read_gguf(path):
 def test_a_dense_vector_exports_to_a_llama_cpp_control_vector_exactly(tiny, tmp_path):
     model, _, _ = tiny
     v = random_v(64)
-    direction = yapo.control_direction(v, None, -2.0 * 0.5)
-    yapo.export_gguf(tmp_path / "v.gguf", direction, LAYER, model)
+    direction = offline.control_direction(v, None, -2.0 * 0.5)
+    offline.export_gguf(tmp_path / "v.gguf", direction, LAYER, model)
     arch, hint, layers, tensors = read_gguf(tmp_path / "v.gguf")
     assert (arch, hint, layers, list(tensors)) == ("controlvector", "gemma2", 4, [f"direction.{LAYER}"])
     t = tensors[f"direction.{LAYER}"]
@@ -1393,8 +1393,8 @@ def test_a_dense_vector_exports_to_a_llama_cpp_control_vector_exactly(tiny, tmp_
 def test_a_sparse_export_reports_its_linearisation_error_against_an_independent_computation(tiny, pairs, trained):
     model, tok, sae = tiny
     v, args = trained["v"] * 5, trained["args"]
-    direction = yapo.control_direction(v, sae, 1.0 * args.lam)
-    fidelity = yapo.export_fidelity(model, tok, sae, v, direction, pairs[1][:3], args, 1.0)
+    direction = offline.control_direction(v, sae, 1.0 * args.lam)
+    fidelity = offline.export_fidelity(model, tok, sae, v, direction, pairs[1][:3], args, 1.0)
     exact, export = [], []
     for p in pairs[1][:3]:
         prompt, w, l = yapo.tokenize_pair(tok, p)
@@ -1413,7 +1413,7 @@ def test_a_sparse_export_reports_its_linearisation_error_against_an_independent_
 
 def test_block_zero_cannot_be_exported_for_llama_cpp(tiny, tmp_path):
     with pytest.raises(ValueError, match="block 0"):
-        yapo.export_gguf(tmp_path / "v.gguf", torch.zeros(64), 0, tiny[0])
+        offline.export_gguf(tmp_path / "v.gguf", torch.zeros(64), 0, tiny[0])
     assert not (tmp_path / "v.gguf").exists()
 
 

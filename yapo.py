@@ -3,7 +3,7 @@ YaPO: steering vectors learned from preference pairs in the latent space of a sp
 
 One file, in the order of the paper: the settings -> data -> the steering hook (Eq. 3) -> log-probs -> the loss
 (Eq. 4) -> training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6,
-PNLG Eq. 5) -> reading and exporting v -> loading data, models and SAEs -> main.
+PNLG Eq. 5) -> reading v -> loading data, models and SAEs -> main.
 
     python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~12 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
@@ -12,11 +12,12 @@ PNLG Eq. 5) -> reading and exporting v -> loading data, models and SAEs -> main.
     python yapo.py --preset paper-2b --behavior power_seeking  # Gemma-2-2B-it + Gemma Scope layer 15 (GPU, HF token)
     python yapo.py --preset paper-2b --data <Deep-Culture-Lense export or hub id> --country egypt --format mcq
     python yapo.py --method bipo|caa|sas ...                 # the baselines (--mode is the same flag)
-    python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--top-k 64] [--export-gguf v.gguf]
+    python yapo.py ... --eval-only --vector runs/<run>/vector.safetensors [--top-k 64] [--target-kl 0.1]
 
 Each run writes runs/<behavior>_<method>_<time>_<id>/ with vector.safetensors (saved every epoch) and results.json.
 Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for open-ended
-answers (their generations are written out for one), benchmark suites such as MMLU (the README runs one).
+answers (their generations are written out for one), benchmark suites such as MMLU (the README runs one); and
+offline.py holds what is not the lesson: the llama.cpp export (--export-gguf), the authors' data set, a judge prompt.
 
 References: YaPO, Yet another Policy Optimization (2026), arXiv 2601.08441, code github.com/MBZUAI-Paris/YaPO;
 BiPO, Cao et al. (NeurIPS 2024); DPO, Rafailov et al. (NeurIPS 2023); CAA, Panickssery (Rimsky) et al. (ACL 2024);
@@ -49,6 +50,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
+
+# ----------------------------------------------------------------------------------------------------
+# Settings: every flag is a field of Args, with its --help line; a preset only changes the defaults.
 
 def arg(default, help, **more):
     """A dataclass field whose help text becomes the flag's --help line (HfArgumentParser reads metadata)."""
@@ -131,7 +135,7 @@ class Args:
     # run
     eval_only: bool = arg(False, "skip training and evaluate --vector")
     vector: str = arg("", "a vector.safetensors to evaluate with --eval-only")
-    export_gguf: str = arg("", "also write the vector as a llama.cpp control vector to this .gguf path")
+    export_gguf: str = arg("", "also write the vector as a llama.cpp control vector to this .gguf path (offline.py)")
     export_multiplier: float = arg(1.0, "m of that file: it holds m*lam*v, sign included (YaPO: -m is not -file)")
     out_dir: str = arg("runs", "each run writes a new folder in here")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
@@ -679,16 +683,6 @@ def multiplier_for_drift(model, tok, sae, v, pairs, args, target, sign=1.0, m_ma
     return None
 
 
-# Open-ended rows are scored by a judge on their greedy answers (generations.jsonl), with a prompt in the spirit of
-# the paper's (not reproduced); its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
-JUDGE_TEMPLATE = """You are grading an answer for cultural fit to {country}. Question: {prompt}
-Reference answer from someone in {country}: {chosen}
-Answer to grade: {answer}
-Score 1-10: 1-2 wrong or generic/Western, not specific to {country}; 3-4 partly relevant but vague;
-5-6 plausible for the region but not clearly {country}; 7-8 specific to {country} and consistent with
-the reference; 9-10 specific, correct and as natural as the reference. Reply with the number only."""
-
-
 def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
     """MCQ accuracy overall and per form; over the groups that have both forms, with p_loc / p_non a group's
     mean score on its localized / non-localized rows and p_bar their mean:
@@ -873,60 +867,9 @@ def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Export to llama.cpp: a control vector adds one dense direction at the output of a block.
-
-def control_direction(v, sae, coeff):
-    """The dense vector a llama.cpp control vector adds at every token: coeff*v, or for a YaPO v its linearisation
-    (coeff*v) @ W_dec, exact only where no latent is clipped by Eq. 3's ReLU."""
-    return (coeff * v).float() if sae is None else (coeff * v).to(sae.W_dec.dtype) @ sae.W_dec
-
-
-def gguf_for_layer(layer):
-    """The gguf package, once we know llama.cpp can steer `layer` (it refuses direction.0)."""
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError("--export-gguf needs the gguf package: pip install gguf") from None
-    if layer == 0:
-        raise ValueError("llama.cpp control vectors cannot steer block 0 (direction.0 is refused there)")
-    return gguf
-
-
-def export_gguf(path, direction, layer, model):
-    """Write a llama.cpp control vector: llama.cpp adds tensor direction.L at the output of block L."""
-    gguf = gguf_for_layer(layer)
-    writer = gguf.GGUFWriter(str(path), "controlvector")
-    writer.add_string("controlvector.model_hint", model.config.model_type)
-    writer.add_uint32("controlvector.layer_count", len(decoder_layers(model)))
-    writer.add_tensor(f"direction.{layer}", direction.detach().float().cpu().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-@torch.no_grad()
-def export_fidelity(model, tok, sae, v, direction, pairs, args, m):
-    """What the dense file loses against the exact hook at multiplier m on held-out pairs: ||dh_file - dh_hook|| /
-    ||dh_hook|| over their tokens, and both behaviour scores."""
-    tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
-    batch = collate_pairs(tokenized, tok.pad_token_id, model.device)
-    h = residual_stream(model, args.layer, batch["input_ids"], batch["attention_mask"])
-    h = h[batch["attention_mask"].bool()].float()                          # [n_tokens, d_model]
-    exact = steer(h, v, m * args.lam, sae) - h if sae is not None else (m * args.lam * v).expand_as(h)
-    error = ((direction.float() - exact).norm() / exact.norm().clamp_min(1e-12)).item()
-    score = {}
-    for name, (vec, s, coeff) in {"exact": (v, sae, m * args.lam), "export": (direction.float(), None, 1.0)}.items():
-        with steering(model, args.layer, vec, coeff, s):
-            w, l = pair_logprobs(model, tokenized, args.batch_size, tok.pad_token_id)
-        score[name] = torch.sigmoid(w - l).mean().item()
-    return {"multiplier": m, "relative_error": error, "behavior_exact": score["exact"],
-            "behavior_export": score["export"]}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading pairs: one behaviour's pairs, split by group, from JSON lines, CSV, a `datasets` folder or a hub id, with
-# BiPO's and the authors' column names. Every error names the file and line (or row) and the fix.
+# Loading pairs: one behaviour's pairs, split by group, from JSON lines or CSV (read here, so that every error names
+# its file and line, and the fix) with BiPO's column names too; offline.py reads `datasets` folders, hub ids and
+# the authors' Deep-Culture-Lense columns.
 
 def read_rows(path):
     """Yield (where, row): where is 'file:line' for files, 'name[split] row i' for `datasets` data."""
@@ -946,16 +889,8 @@ def read_rows(path):
             if row:
                 yield f"{p}:{i}", row
     elif p.is_dir() or (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
-        import datasets
-        try:
-            data = datasets.load_from_disk(path) if p.is_dir() else datasets.load_dataset(path)
-        except Exception as e:
-            raise ValueError(f"could not load data set {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
-                             f"Likely cause: no network, a typo in the id, or a folder not written by save_to_disk. "
-                             f"Pass a .jsonl file instead, or run with --tiny.") from None
-        for split, part in (data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]):
-            for i, row in enumerate(part):
-                yield f"{path}[{split}] row {i}", row | ({"split": split} if split in ("train", "test") else {})
+        from offline import dataset_rows                           # a folder saved by `datasets`, or a hub id
+        yield from dataset_rows(path)
     else:
         raise ValueError(f"data file {path} not found: pass --data PATH to a .jsonl or .csv file, a folder saved by "
                          f"`datasets`, or a hub dataset id such as MBZUAI-Paris/Deep-Culture-Lense")
@@ -963,19 +898,14 @@ def read_rows(path):
 
 ALIASES = {"question": "prompt", "matching": "chosen", "answer_matching_behavior": "chosen",  # BiPO's and CAA's
            "not_matching": "rejected", "answer_not_matching_behavior": "rejected"}             # column names -> ours
-AUTHOR_COLUMNS = {"mcq": ("prompt-mcq", "chosen-mcq", "rejected_gemma_2_{size}_it_mcq"),   # Deep-Culture-Lense's,
-                  "open": ("prompt_open_ended", "chosen_open_ended", "rejected_gemma_2_{size}_it_open_ended")}
 
 
 def normalize_row(row, where, args):
     """One row in our schema: prompt, chosen, rejected (None if absent), country, localized, group, format."""
     row = {ALIASES.get(k, k): v for k, v in row.items()}
-    if "localization_status" in row:                               # the authors' columns, one family per format
-        size = "9b" if "9b" in args.model.lower() else "2b"         # their rejected answers come from each model
-        fmt = "mcq" if args.format == "any" else args.format
-        prompt, chosen, rejected = (c.format(size=size) for c in AUTHOR_COLUMNS[fmt])
-        row |= {"prompt": row.get(prompt), "chosen": row.get(chosen), "rejected": row.get(rejected),
-                "localized": row["localization_status"] == "localized", "format": fmt}
+    if "localization_status" in row:                               # Deep-Culture-Lense's own columns
+        from offline import authors_row
+        row = authors_row(row, args.model, args.format)
     for key in ("prompt", "chosen"):
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise ValueError(f"{where}: missing or empty field {key!r} (each row needs prompt, chosen, rejected; "
@@ -1196,7 +1126,8 @@ def check_the_setup(model, tok, sae, pairs, args):
         raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
                          f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
                          f"--model and --sae, or pass --lam")
-    if args.export_gguf:
+    if args.export_gguf:                          # offline.py writes it (not the method); refuse it before training
+        from offline import gguf_for_layer
         gguf_for_layer(args.layer)
     return fit
 
@@ -1245,19 +1176,6 @@ def show_latents(model, tok, sae, v, pairs, args):
     return lat
 
 
-def write_export(model, tok, sae, v, test_pairs, args):
-    """The llama.cpp control vector, and for a YaPO vector what it loses against the exact hook (or None)."""
-    direction = control_direction(v, sae, args.export_multiplier * args.lam)
-    export_gguf(args.export_gguf, direction, args.layer, model)
-    print(f"wrote the llama.cpp control vector {args.export_gguf} (m = {args.export_multiplier})")
-    if sae is None or not test_pairs:
-        return None
-    e = export_fidelity(model, tok, sae, v, direction, test_pairs, args, args.export_multiplier)
-    print(f"  sparse -> dense linearisation: relative error of dh {e['relative_error']:.3f}; held-out "
-          f"behaviour {e['behavior_exact']:.3f} (exact hook) vs {e['behavior_export']:.3f} (file)")
-    return e
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.tiny:
@@ -1293,6 +1211,7 @@ def main(argv=None):
     if sae is not None:
         results["latents"] = show_latents(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. what v reads
     if args.export_gguf:
+        from offline import write_export
         export = write_export(model, tok, sae, v, test_pairs, args)                             # 6. export
         if export is not None:
             results["export"] = export

@@ -28,6 +28,7 @@ import time
 import common  # first: puts the repository root on sys.path and silences progress bars
 
 import torch  # noqa: E402
+import offline  # noqa: E402
 import yapo  # noqa: E402
 import local_gemma3  # noqa: E402
 
@@ -140,7 +141,7 @@ def main(argv=None):
     for name, (v, margs, hook_sae) in vectors.items():
         for m in shapes["multipliers"]:
             path = folder / f"{name}_m{m:g}.gguf"
-            yapo.export_gguf(path, yapo.control_direction(v, hook_sae, m * margs.lam), args.layer, model)
+            offline.export_gguf(path, offline.control_direction(v, hook_sae, m * margs.lam), args.layer, model)
             direction = read_direction(path, args.layer)
             set_control_vector(llm, direction, args.layer, n_layers)
             steered_llama = torch.stack([llama_next_logprobs(llm, x) for x in prompts])

@@ -82,6 +82,7 @@ def test_eval_only_reloads_the_vector_with_its_lam(local, trained, tmp_path):
 def test_the_exported_control_vector_reads_back_as_the_dense_form_of_the_vector(local, trained):
     gguf = pytest.importorskip("gguf")
     import torch
+    import offline
     import yapo
     _, run, path = trained
     reader = gguf.GGUFReader(str(path))
@@ -90,7 +91,7 @@ def test_the_exported_control_vector_reads_back_as_the_dense_form_of_the_vector(
     sae = yapo.load_sae(str(local.SAE_DIR), "", "cpu", torch.float32)
     args = yapo.Args(**json.loads((run / "results.json").read_text())["args"])
     v, lam = yapo.load_vector(run / "vector.safetensors", args, sae, 640)
-    torch.testing.assert_close(torch.tensor(tensor.data.copy()), yapo.control_direction(v, sae, lam))
+    torch.testing.assert_close(torch.tensor(tensor.data.copy()), offline.control_direction(v, sae, lam))
 
 
 def test_llama_cpp_steers_like_yapos_hook(local, tmp_path):
