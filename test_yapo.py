@@ -1000,6 +1000,16 @@ def test_pruned_vector_on_its_support_matches_the_full_computation(tiny):
                                atol=1e-4, rtol=1e-5)
 
 
+def test_pruning_by_other_scores_keeps_the_latents_those_scores_rank_first(tiny):
+    _, _, sae = tiny
+    v = random_v(sae.cfg.d_sae)
+    scores = torch.zeros_like(v)
+    scores[[5, 300, 7]] = torch.tensor([3.0, 2.0, 1.0])          # not the largest |v_i|
+    v_small, sae_small = yapo.prune(v, sae, 2, scores=scores)
+    torch.testing.assert_close(v_small, v[[5, 300]])
+    torch.testing.assert_close(sae_small.W_dec, sae.W_dec[[5, 300]])
+
+
 def test_restricted_sae_gives_the_same_latents_as_the_full_one(tiny):
     _, _, sae = tiny
     latents = torch.tensor([3, 17, 200, 511])
@@ -1855,21 +1865,29 @@ def test_the_committed_notebook_shows_one_run_of_every_cell_on_the_local_model()
     assert not re.search(r"(?<![\w.])/(?:home|Users|work|tmp|root|mnt)/|\b[A-Za-z]:\\[A-Za-z]", text)   # paths
 
 
-# Run after the notebook's last cell, in its kernel: the values its cells computed, as one line of JSON. Two loops
-# keep only their last pass (the loss at d = -1, the pruning at every latent), so their other passes are run again
-# here with the notebook's own objects.
+# Run after the notebook's last cell, in its kernel: the values its cells computed, as one line of JSON. The loss
+# loop keeps only its last pass (d = -1), so the other is run again here with the notebook's own objects; what a
+# latent writes is recomputed without yapo.lm_head_logits (the softcap does not change which token is first).
 NOTEBOOK_VALUES = """import json
-pruned = {str(k): yapo.evaluate(model, tok, sae_k, v_k, test_pairs, sweep)["rows"]
-          for k in (8, 32) for v_k, sae_k in [yapo.prune(v, sae, k)]}
+first = items[0]["latent"]
+with torch.no_grad():
+    direct = model.model.norm(sae.W_dec[first].to(model.dtype)) @ model.get_output_embeddings().weight.T
 print(json.dumps({
     "config": CONFIG, "one_vs_two_decodes": (h_one - h_two).abs().max().item(), "max_abs_h": scale,
     "v0_unchanged": unchanged, "hook_vs_steer": hook_diff,
     "loss": {"d": d, "by_hand": by_hand.item(), "yapo_loss": lib.item(), "preference_loss": full.item(),
              "preference_loss_at_d_plus_1": yapo.batch_loss(model, sae, v_rand, batch, ref_w, ref_l, 1.0,
                                                                  args)[0].item()},
+    "push_over_code_size": (args.lam * v_rand.norm() / code_size).item(),
     "train_loss": loss, "batches_per_epoch": batches_per_epoch, "rows": results["rows"], "reads": reads,
+    "writes": {str(k): w for k, w in written.items()}, "first_latent": str(first),
+    "first_promoted": repr(tok.decode([direct.argmax().item()]))[1:-1],
     "v_l0": (v != 0).sum().item(), "never_active": ((v != 0) & ~active).sum().item(),
-    "pruned": pruned | {"all": r}}))
+    "variants": {name: {"l0": int((vec != 0).sum()), "n90": n90(vec)} for name, vec in variants.items()},
+    "adamw_steps": len(adamw_lengths),
+    "kept": {name: {str(k): x for k, x in by_k.items()} for name, by_k in kept.items()}, "l0_fit": l0_fit,
+    "val_pairs": len(val_pairs), "fit_pairs": len(fit_pairs), "train_pairs": len(train_pairs),
+    "target": target, "at_drift": {name: [r["drift_kl"] for r in rows] for name, rows in at_drift.items()}}))
 """
 
 
@@ -1889,12 +1907,14 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     # Eq. 3: the one-decode form equals Eq. 3 as written, v = 0 is exact, the hook matches yapo.steer
     assert got["one_vs_two_decodes"] <= 1e-4 * got["max_abs_h"]
     assert got["v0_unchanged"] is True and got["hook_vs_steer"] <= 1e-6
-    # Eq. 4: by hand == yapo_loss == preference_loss, and the random v changed the loss in both directions
+    # Eq. 4: by hand == yapo_loss == preference_loss, and the random v changed the loss in both directions; its
+    # push lam * v_rand is as long as one token's SAE code, as the text says
     loss = got["loss"]
     assert loss["d"] == -1.0
     assert loss["yapo_loss"] == pytest.approx(loss["by_hand"], abs=1e-5)
     assert loss["preference_loss"] == pytest.approx(loss["by_hand"], abs=1e-5)
     assert min(abs(loss["by_hand"] - math.log(2)), abs(loss["preference_loss_at_d_plus_1"] - math.log(2))) > 1e-4
+    assert got["push_over_code_size"] == pytest.approx(1.0, rel=1e-4)
     # training lowered the loss; the evaluated behaviour score rises with the multiplier
     n, train_loss = got["batches_per_epoch"], got["train_loss"]
     assert sum(train_loss[-n:]) < sum(train_loss[:n])              # the last epoch's mean below the first's
@@ -1903,19 +1923,44 @@ def test_tutorial_notebook_runs_offline_end_to_end(tmp_path):
     assert rows[0.0]["drift_kl"] == 0.0                            # no drift without steering
     assert rows[-1.0]["behavior_score"] < rows[0.0]["behavior_score"] < rows[1.0]["behavior_score"]   # unseen items
     contexts = [c["context"] for reads in got["reads"].values() for c in reads]
-    assert contexts and all(re.search(r"\[[^\]]+\]", c) for c in contexts)   # what each top latent reads
-    # sparsity: v uses only latents that fire on the training data
+    assert contexts and all(re.search(r"\[[^\]]+\]", c) for c in contexts)   # where each top latent fires
+    # what a latent writes: five promoted and five suppressed tokens each; the first agrees with W_dec W_U
+    assert all(len(up.split(" ")) >= 5 and len(down.split(" ")) >= 5 for up, down in got["writes"].values())
+    assert got["writes"][got["first_latent"]][0].startswith(got["first_promoted"] + " ")
+    # sparsity: v uses only latents that fire on the training data; the L1 variant uses fewer
     assert got["v_l0"] > 0 and got["never_active"] == 0
-    # pruning: scores in [0, 1] for K = 8, 32 and all, the same unsteered score for every K, and K = all is v itself
-    pruned = got["pruned"]
-    assert list(pruned) == ["8", "32", "all"]
-    assert all(0 <= x["behavior_score"] <= 1 for rows_k in pruned.values() for x in rows_k)
-    assert len({rows_k[1]["behavior_score"] for rows_k in pruned.values()}) == 1      # m = 0
-    assert [x["behavior_score"] for x in pruned["all"]] == [rows[m]["behavior_score"] for m in (-1.0, 0.0, 1.0)]
+    variants = got["variants"]
+    assert variants["AdamW"]["l0"] == got["v_l0"] and got["adamw_steps"] == len(train_loss)
+    l1 = next(x for name, x in variants.items() if name.startswith("AdamW + L1"))
+    assert l1["l0"] < variants["AdamW"]["l0"] and all(0 < x["n90"] <= x["l0"] for x in variants.values())
+    # pruning on validation pairs carved from the training pairs: the full vector keeps all of its gain
+    assert got["val_pairs"] > 0 and got["fit_pairs"] + got["val_pairs"] == got["train_pairs"]
+    assert got["kept"]["|v_i|"][str(got["l0_fit"])] == pytest.approx(1.0, abs=1e-6)
+    assert all(set(by_k) >= {"8", "32", "128"} for by_k in got["kept"].values())
+    # equal drift: every multiplier found reaches the target within 5 %
+    drifts = [x for xs in got["at_drift"].values() for x in xs]
+    assert drifts and all(abs(x / got["target"] - 1) <= 0.05 for x in drifts)
     # every plot was drawn; the exercises check themselves, unsolved included
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
-    assert sum(o.text.count("not solved yet") for o in outputs if o.get("name") == "stdout") >= 2
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
+    assert sum(o.text.count("not solved yet") for o in outputs if o.get("name") == "stdout") >= 6
+
+
+DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d+\.\d+(?!\.\d|\w)")   # 0.56 and 0.56. but not 2.13.0
+
+
+def test_every_decimal_number_in_the_notebooks_prose_appears_in_its_outputs():
+    """The committed notebook's prose cannot drift from its outputs: each decimal number written in a markdown cell
+    (outside code spans and fenced code, which hold settings, not results) is in some output of the run."""
+    nb = json.loads((ROOT / "tutorial.ipynb").read_text(encoding="utf-8"))
+    outputs = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                        + "".join(o.get("data", {}).get("text/html", ""))
+                        for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
+    prose = "\n".join(re.sub(r"```.*?```|`[^`]*`", " ", "".join(c["source"]), flags=re.S)
+                      for c in nb["cells"] if c["cell_type"] == "markdown")
+    numbers = {m.lstrip("+-−") for m in DECIMAL.findall(prose)}
+    assert numbers, "no decimal number in the prose: the test would check nothing"
+    assert sorted(x for x in numbers if x not in outputs) == []
 
 
 def test_notebook_creates_every_tensor_on_the_models_device():
@@ -1924,7 +1969,7 @@ def test_notebook_creates_every_tensor_on_the_models_device():
     for cell in (c for c in nb["cells"] if c["cell_type"] == "code"):
         for line in "".join(cell["source"]).splitlines():
             if re.search(r"torch\.(randn|rand|randint|zeros|ones|full|empty|arange|linspace|tensor)\(", line):
-                assert "device=" in line or ".to(model.device)" in line, line
+                assert "device=" in line or ".to(model.device)" in line or ".item()" in line, line   # or a number
 
 
 def test_the_notebooks_colab_cell_installs_the_versions_requirements_txt_pins():

@@ -814,10 +814,10 @@ def restrict_sae(sae, latents):
     return small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
 
 
-def prune(v, sae, k):
-    """Keep the k largest |v_i|: returns (v restricted to them, the SAE restricted to them), so the hook
-    encodes and decodes k latents instead of d_sae."""
-    latents = v.abs().topk(min(k, v.numel())).indices.sort().values
+def prune(v, sae, k, scores=None):
+    """Keep the k latents of largest `scores` (default |v_i|): returns (v restricted to them, the SAE restricted to
+    them), so the hook encodes and decodes k latents instead of d_sae."""
+    latents = (v.abs() if scores is None else scores).topk(min(k, v.numel())).indices.sort().values
     return v[latents].detach().clone(), restrict_sae(sae, latents.to(sae.W_dec.device))
 
 

