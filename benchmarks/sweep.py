@@ -79,7 +79,8 @@ MEASURED with the committed SAE and calibration (results/local/sweep/, an Intel 
 none 0.4 minutes, SAS 4.7 (0.2 to build, 2.1 to evaluate the grid, 2.5 to calibrate), BiPO and YaPO on wealth_seeking
 5.5-5.8 (1.1-1.3 to build, 2.1 to evaluate, 2.3-2.5 to calibrate); with the cores shared, 1.5 to 2 times that (the
 first power_seeking units). Each MCQ item is now asked in every order of its options. Plan on about 6 minutes a
-trained unit and 6 to 7 hours for the 72 units on idle cores.
+trained unit and 6 to 7 hours for the 72 units on idle cores. With --threads 1 while other torch work ran on the
+second core: 15 to 20 minutes a unit (hallucination BiPO and YaPO, jailbreak CAA).
 MEASURED with the SAE 23a3c121 before calibration (results/local/sweep_sae_23a3c121/, 2 AMD EPYC cores, idle; each
 unit's seconds are in its JSON): BiPO and YaPO on an open behaviour 1.5-3.7 minutes to build (48 steps; sentiment 60) and 2.1-4.9 to
 evaluate, 4-6.5 in all; on a culture behaviour 1.5-2 and 2.6-3.5, 4-5 in all; CAA and SAS 0.2-0.3 to build and
@@ -788,7 +789,7 @@ def main(argv=None):
     p.add_argument("--results", default=None, help="the folder of the units (default: benchmarks/results/local/"
                                                    "sweep, --tiny: benchmarks/results/quick/sweep)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 2, --tiny 1); 1 leaves a core "
-                                                             "free for other work at about 1.5 times the unit time")
+                                                             "free for other work (units then took 15-20 minutes)")
     opts = p.parse_args(argv)
     torch.set_num_threads(opts.threads or (1 if opts.tiny else 2))  # the toy's small matrices lose on threads
     env = where(opts.tiny, opts.results)
