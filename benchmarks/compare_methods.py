@@ -2,8 +2,8 @@
 yapo.evaluate on the same held-out pairs at the same multipliers m (steering with m*lam*v):
 
   none   v = 0: the unsteered model at every m (the floor every method is compared with)
-  CAA    yapo.caa_vector: mean residual-stream difference between chosen and rejected answers
-  SAS    yapo.sas_vector: the same in SAE latents, on the latents frequent on one side only
+  CAA    offline.caa_vector: mean residual-stream difference between chosen and rejected answers
+  SAS    offline.sas_vector: the same in SAE latents, on the latents frequent on one side only
   BiPO   yapo.train with --method bipo: a residual-stream vector learned from the preference pairs
   YaPO   yapo.train with --method yapo: a vector of SAE latents learned from the preference pairs
 
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import common  # first: puts the repository root on sys.path and silences progress bars
 
+import offline  # noqa: E402
 import torch  # noqa: E402
 import yapo  # noqa: E402
 
@@ -63,12 +64,12 @@ def build(method, model, tok, sae, train_pairs, args, tiny, sas_tau_given):
     if method == "none":
         return torch.zeros(model.config.hidden_size, device=model.device), None, {}
     if method == "CAA":
-        return yapo.caa_vector(model, tok, train_pairs, args), None, {}
+        return offline.caa_vector(model, tok, train_pairs, args), None, {}
     if method == "SAS":
         taus = (args.sas_tau,) if sas_tau_given or not tiny else TINY_SAS_TAUS
         for tau in taus:                                           # the first tau that keeps a latent
             try:
-                return yapo.sas_vector(model, tok, sae, train_pairs, dataclasses.replace(args, sas_tau=tau)), sae, \
+                return offline.sas_vector(model, tok, sae, train_pairs, dataclasses.replace(args, sas_tau=tau)), sae, \
                     {"sas_tau": tau}
             except ValueError:
                 if tau == taus[-1]:
@@ -204,7 +205,7 @@ def main(argv=None):
         raise SystemExit("no held-out pairs: raise --test-fraction or mark rows split='test'")
     model, tok, sae = yapo.setup(args)
     if any(p["rejected"] is None for p in train_pairs + test_pairs) or args.resample_rejected == "all":
-        yapo.sample_rejected(model, tok, train_pairs + test_pairs, args)   # as yapo.py: on-policy y_l
+        offline.sample_rejected(model, tok, train_pairs + test_pairs, args)   # as yapo.py: on-policy y_l
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} held-out pairs, layer {args.layer}, "
           f"multipliers {args.multipliers}" + ("  [tiny setup: mechanics only]" if mechanics_only else ""), flush=True)
