@@ -1,8 +1,9 @@
-"""Offline stand-ins for the hub, NOT part of the method: how the toy that `python yapo.py --tiny`, the tests and
+"""What yapo.py's lesson leaves out, NOT part of the method: how the toy that `python yapo.py --tiny`, the tests and
 the notebook's tiny configuration load was made, the SAE trainer behind the local Gemma 3 270M's SAE, the
 packaged Gemma 3 270M turned into a model folder for `--preset local`, the paper's data set as yapo.py reads it
-(`--data` a hub id or `datasets` folder), a prompt for the judge of open-ended answers, and the llama.cpp export of a
-vector (`yapo.py --export-gguf`).
+(`--data` a hub id or `datasets` folder) and its on-policy rejected answers (`--resample-rejected`), a prompt for
+the judge of open-ended answers, the untrained baselines CAA and SAS (`--method caa|sas`), and the llama.cpp export
+of a vector (`yapo.py --export-gguf`). yapo.py imports each only when its flag asks for it.
 
     python offline.py toy       # rebuild the toy into benchmarks/toy/ (tokenizer, language model, SAE; ~40 s)
     python offline.py gemma3    # the packaged Gemma 3 270M as a folder (--preset local does this by itself)
