@@ -507,12 +507,11 @@ def prompt_scores(model, tok, pairs, batch_size, mcq=True):
     next_logp, picks = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        ids = [prompt_ids(tok, p["prompt"]) for p in chunk]
-        T = max(map(len, ids))
-        input_ids = torch.tensor([[tok.pad_token_id] * (T - len(x)) + x for x in ids], device=model.device)
-        mask = (torch.arange(T) >= torch.tensor([T - len(x) for x in ids])[:, None]).long().to(model.device)
-        out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                          use_cache=mcq)
+        batch = tok.pad({"input_ids": [prompt_ids(tok, p["prompt"]) for p in chunk]}, padding_side="left",
+                        return_tensors="pt").to(model.device)
+        mask = batch["attention_mask"]
+        out = model.model(input_ids=batch["input_ids"], attention_mask=mask,
+                          position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=mcq)
         logp = lm_head_logits(model, out.last_hidden_state[:, -1]).float().log_softmax(-1)       # [b, V]
         next_logp.append(logp)
         asked = [(j, *option_ids(tok, p)) for j, p in enumerate(chunk) if mcq and p["format"] == "mcq"]
@@ -576,7 +575,9 @@ def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
     mean score on its localized / non-localized rows and p_bar their mean:
       RCA  (Eq. 6) = mean over groups of the harmonic mean 2 p_loc p_non / (p_loc + p_non)
       PNLG (Eq. 5) = mean over groups of (p_loc - p_non) / (p_bar ** alpha + eps)"""
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
     out = {"accuracy": mean(correct), "accuracy_ci95": mean_interval(correct)[1] if correct else None,
            "n": len(correct), "accuracy_localized": mean([c for p, c in zip(pairs, correct) if p["localized"] is True]),
            "accuracy_nonlocalized": mean([c for p, c in zip(pairs, correct) if p["localized"] is False])}
@@ -661,13 +662,17 @@ def evaluate(model, tok, sae, v, pairs, args):
 
 def print_table(rows):
     """The evaluation rows; +- is the 95 % interval over the held-out pairs (mean_interval)."""
+    def fmt(x, width, digits):                                    # None (no such metric here): a dash
+        return f"{x:>{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
+
+    def pm(x, ci, digits):
+        return f"{x:.{digits}f}+-{ci:.{digits}f}"
+
     mcq = any("mcq" in r for r in rows)
     print(f"n = {rows[0]['n']} held-out pairs" + (f", {rows[0]['mcq']['n']} MCQ rows" if mcq else "")
           + "; +- is a 95 % interval over pairs")
     print(f"{'multiplier':>10} {'behavior':>13} {'accuracy':>13} {'drift KL':>9} {'margin':>12}"
           + (f" {'MCQ acc':>13} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7} {'any order':>13}" if mcq else ""))
-    fmt = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
-    pm = lambda x, ci, p: f"{x:.{p}f}+-{ci:.{p}f}"
     for r in rows:
         line = (f"{r['multiplier']:>10.2f} {pm(r['behavior_score'], r['behavior_score_ci95'], 3):>13} "
                 f"{pm(r['accuracy'], r['accuracy_ci95'], 3):>13} {r['drift_kl']:>9.4f} "
@@ -730,6 +735,9 @@ def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
     """What each latent reads, for any SAE (most have no Neuronpedia page): {latent: [{"activation", "context"}]},
     the n distinct places in the pairs' texts where it fires most, `width` tokens and the firing one in [brackets].
     <bos> is left out: many latents fire on it, and it says nothing."""
+    def show(seq, t):                                             # `width` tokens, then the firing one in brackets
+        return (tok.decode(seq[max(1, t - width):t]) + f"[{tok.decode(seq[t:t + 1])}]").replace("\n", "\\n")
+
     seqs = [x + y for p in pairs for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
     acts, where = [], []
     for i in range(0, len(seqs), 16):
@@ -740,7 +748,6 @@ def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
         acts.append(z[..., latents][keep].float().cpu())                              # [n_tokens, len(latents)]
         where += [(i + b, t) for b, t in keep.nonzero().tolist()]
     acts = torch.cat(acts)
-    show = lambda s, t: (tok.decode(s[max(1, t - width):t]) + f"[{tok.decode(s[t:t + 1])}]").replace("\n", "\\n")
     out = {}
     for j, latent in enumerate(latents):
         out[latent], seen = [], set()
