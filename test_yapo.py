@@ -16,7 +16,7 @@ import statistics
 import string
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import FrozenInstanceError, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1559,6 +1559,18 @@ def test_wrong_choice_names_the_valid_choices():
         yapo.Args(lam="big")
 
 
+def test_args_are_fixed_once_parsed_and_a_changed_copy_is_checked_again():
+    """No function rewrites a setting: --lam arrives as text and becomes a number once, at parsing; a run that needs
+    another value (lam auto, resolved) makes a changed copy, which passes the same checks."""
+    args = yapo.parse_args(["--tiny", "--lam", "0.5"])
+    assert args.lam == 0.5 and isinstance(args.lam, float)
+    with pytest.raises(FrozenInstanceError):
+        args.lam = 2.0
+    assert replace(args, lam="3").lam == 3.0 and args.lam == 0.5
+    with pytest.raises(ValueError, match="--method 'sprase' is not one of"):
+        replace(args, method="sprase")
+
+
 def test_help_documents_every_args_field(capsys):
     with pytest.raises(SystemExit):
         yapo.parse_args(["--help"])
@@ -1772,8 +1784,8 @@ def test_the_toys_vector_carries_to_question_and_answer_frames_and_words_its_pai
     test split's, by the toy's target (>= 0.3 from m = -1 to +1), on items, frames and words of none of its pairs."""
     train, _, model, tok, sae = toy
     args = yapo.parse_args(["--tiny", "--data", str(DATA), "--multipliers", "-1", "0", "1", "--n-generations", "0"])
-    args.layer = LAYER
-    args.lam = yapo.auto_lam(model, tok, sae, train, args)
+    args = replace(args, layer=LAYER)
+    args = replace(args, lam=yapo.auto_lam(model, tok, sae, train, args))
     v, _ = yapo.train(model, tok, sae, train, args)
     novel = novel_pairs()
     score = {r["multiplier"]: r["behavior_score"] for r in yapo.evaluate(model, tok, sae, v, novel, args)["rows"]}

@@ -70,7 +70,7 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not one of {list(get_args(kind))}")
     if args.lam != "auto":
         try:
-            args.lam = float(args.lam)
+            object.__setattr__(args, "lam", float(args.lam))     # frozen: its one conversion, at parsing
         except ValueError:
             raise ValueError(f"--lam {args.lam!r}: give a number or auto") from None
     if args.method in ("caa", "sas") and args.lam != 1.0:      # parse_args gives them lam 1 by default
@@ -86,7 +86,7 @@ def check_args(args):
         raise ValueError(f"{asks[0]} needs offline.py next to yapo.py (it holds what the lesson leaves out): copy it")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
     # what to steer
     behavior: str = arg("power_seeking", "which rows of --data to use (their `behavior` field; rows without one: all)")

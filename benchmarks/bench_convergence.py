@@ -24,6 +24,7 @@ for tiny and small also the models and SAEs; the train/test split stays the same
     python benchmarks/bench_convergence.py --quick    # smoke test of the code paths: 1 seed, 1 epoch on 8 pairs
 """
 
+import dataclasses
 import math
 import statistics
 import time
@@ -82,7 +83,7 @@ def one_run(model, tok, sae, mode, pairs, spec, seed, shapes):
                      lam="auto", lr=shapes["lr"], beta=0.1, batch_size=4, grad_accum=1, weight_decay=0.0,
                      warmup_steps=max(1, round(shapes["warmup_fraction"] * steps)))   # the same for both methods
     hook_sae = sae if mode == "sparse" else None
-    args.lam = yapo.auto_lam(model, tok, hook_sae, pairs, args)
+    args = dataclasses.replace(args, lam=yapo.auto_lam(model, tok, hook_sae, pairs, args))
     t0 = time.perf_counter()
     _, history = yapo.train(model, tok, hook_sae, pairs, args)
     losses, accs = [h["loss"] for h in history], [h["accuracy"] for h in history]

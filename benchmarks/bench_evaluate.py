@@ -24,6 +24,7 @@ continue a cached prompt (an option's few tokens), "tokens" every position put t
     python benchmarks/bench_evaluate.py --quick                                # smoke test: 4 pairs, 1 repeat
 """
 
+import dataclasses
 import time
 from contextlib import contextmanager
 
@@ -170,13 +171,13 @@ def main(argv=None):
     flags += (["--model", opts.model, "--layer", str(opts.layer)] + (["--sae", opts.sae] if opts.sae else [])
               if opts.model else ["--tiny"])
     args = yapo.parse_args(flags + ["--method", "yapo" if opts.sae or not opts.model else "bipo"])
-    args.multipliers = shapes["multipliers"]
+    args = dataclasses.replace(args, multipliers=shapes["multipliers"])
     train, test = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args)
     pairs = (test + train)[:shapes["pairs"]]                      # a cost benchmark: any MCQ pairs will do
     size = sae.cfg.d_sae if sae is not None else model.config.hidden_size
     v = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(model.device)
-    args.lam = yapo.auto_lam(model, tok, sae, train, args) / v.abs().mean().item()   # a visible, typical push
+    args = dataclasses.replace(args, lam=yapo.auto_lam(model, tok, sae, train, args) / v.abs().mean().item())  # visible
     print(f"{len(pairs)} MCQ pairs of {args.behavior}, {len(args.multipliers)} multipliers, "
           f"{'sparse' if sae is not None else 'dense'} random v; model {args.model}")
 

@@ -17,7 +17,7 @@ log-prob differences are large, so the margin (mean log p(y_w|x) - log p(y_l|x),
     python benchmarks/bench_pruning.py --quick    # smoke test of the code paths: 1 epoch on 8 pairs, 4 scored
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import common  # first: puts the repository root on sys.path and silences progress bars
 
@@ -49,11 +49,11 @@ def main(argv=None):
                                     "--multipliers", "-1", "0", "1", "--n-generations", "0"]
                            + (["--lr", str(opts.lr)] if opts.lr else [])
                            + (["--warmup-steps", str(opts.warmup_steps)] if opts.warmup_steps is not None else []))
-    args.epochs = shapes["epochs"] or args.epochs
+    args = replace(args, epochs=shapes["epochs"] or args.epochs)
     train_pairs, test_pairs = yapo.load_pairs(args)
     model, tok, sae = yapo.setup(args)
     train_pairs, test_pairs = train_pairs[:shapes["max_train_pairs"]], test_pairs[:shapes["max_test_pairs"]]
-    args.lam = yapo.auto_lam(model, tok, sae, train_pairs, args)  # lam auto
+    args = replace(args, lam=yapo.auto_lam(model, tok, sae, train_pairs, args))  # lam auto
     print(f"training on {len(train_pairs)} pairs for {args.epochs} epochs; scoring {len(test_pairs)} held-out pairs")
     v, history = yapo.train(model, tok, sae, train_pairs, args)
 

@@ -188,10 +188,9 @@ def main(argv=None):
 
     def method_args(method):
         args, tiny = yapo_args(opts, rest, method)
-        args.multipliers = shapes["multipliers"]
-        args.n_generations = 0     # the table reads no answers; evaluate still answers open culture prompts,
-        args.max_new_tokens = 1    # so keep those one token long
-        args.epochs = shapes["epochs"] or args.epochs
+        args = dataclasses.replace(args, multipliers=shapes["multipliers"], epochs=shapes["epochs"] or args.epochs,
+                                   n_generations=0,     # the table reads no answers; evaluate still answers open
+                                   max_new_tokens=1)    # culture prompts, so keep those one token long
         return args, tiny
 
     args, tiny = method_args("yapo")                               # YaPO: setup loads the SAE too
@@ -217,11 +216,11 @@ def main(argv=None):
     methods = {}
     for method in METHODS:
         margs = method_args(METHOD[method])[0]
-        margs.layer = args.layer                                   # --tiny: set by setup
         if method == "none":
-            margs.lam = 1.0                                        # v = 0: lam changes nothing
+            margs = dataclasses.replace(margs, lam=1.0)            # v = 0: lam changes nothing
         if margs.lam == "auto":                                    # per method: latents and h differ in scale
-            margs.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(margs.method) else None, train_pairs, margs)
+            margs = dataclasses.replace(margs, lam=yapo.auto_lam(model, tok, sae if yapo.uses_sae(margs.method)
+                                                                 else None, train_pairs, margs))
         t0 = time.perf_counter()
         v, hook_sae, extra = build(method, model, tok, sae, train_pairs, margs, tiny, sas_tau_given)
         seconds = time.perf_counter() - t0

@@ -132,7 +132,7 @@ def main(argv=None):
         margs = yapo.parse_args(common.with_method(flags, method))
         hook_sae = sae if method == "yapo" else None
         if margs.lam == "auto":
-            margs.lam = yapo.auto_lam(model, tok, hook_sae, train_pairs, margs)
+            margs = dataclasses.replace(margs, lam=yapo.auto_lam(model, tok, hook_sae, train_pairs, margs))
         v = yapo.build_vector(model, tok, hook_sae, train_pairs, margs, save_to=folder / f"{name}.safetensors")[0]
         vectors[name] = (v, margs, hook_sae)
         print(f"{name}: built (lam {margs.lam:.4g})", flush=True)

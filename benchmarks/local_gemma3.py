@@ -31,6 +31,7 @@ and every result records its sha256 (sae_fingerprint).
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -254,7 +255,7 @@ def validate(settings=VALIDATION):
                                                 "--warmup-steps", str(settings["warmup_steps"]),
                                                 "--multipliers", "-1", "0", "1", "--n-generations", "0"] + extra)
                 hook_sae = sae if method == "yapo" else None
-                args.lam = yapo.auto_lam(model, tok, hook_sae, fit, args)
+                args = dataclasses.replace(args, lam=yapo.auto_lam(model, tok, hook_sae, fit, args))
                 t0 = time.perf_counter()
                 v, history = yapo.train(model, tok, hook_sae, fit, args)
                 rows = {r["multiplier"]: r for r in yapo.evaluate(model, tok, hook_sae, v, val, args)["rows"]}

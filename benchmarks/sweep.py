@@ -283,11 +283,12 @@ def sweep_unit(env, loaded, behavior, method, seed, path):
     train, test = pairs(env, behavior)
     model, tok, sae, layer, model_name, sae_name = loaded.get(behavior)
     args = unit_args(env, behavior, method, seed)
-    args.layer = layer                                             # --tiny: set by setup
+    args = dataclasses.replace(args, layer=layer)                  # the layer the loaded SAE reads
     if method == "none":
-        args.lam = 1.0                                             # v = 0: lam changes nothing
+        args = dataclasses.replace(args, lam=1.0)                  # v = 0: lam changes nothing
     if args.lam == "auto":                                         # per method: latents and h differ in scale
-        args.lam = yapo.auto_lam(model, tok, sae if yapo.uses_sae(args.method) else None, train, args)
+        args = dataclasses.replace(args, lam=yapo.auto_lam(model, tok, sae if yapo.uses_sae(args.method) else None,
+                                                           train, args))
     t0 = time.perf_counter()                                       # the first trained unit also pays for p_0
     reference = loaded.reference(behavior, model, tok, train, args) if method in TRAINED else None
     v, hook_sae, extra = build(method, model, tok, sae, train, args, env.tiny, reference)
@@ -616,10 +617,10 @@ def convergence_unit(env, loaded, setting, method, seed, lam, lr, train, test):
     """One training run: how fast its loss falls, and the margin it gains on `test` from m = -1 to +1."""
     model, tok, sae, layer, model_name, sae_name = loaded.get(env.convergence["behavior"])
     args = convergence_args(env, method, seed, lam, lr, warmup(env, len(train)))
-    args.layer = layer
+    args = dataclasses.replace(args, layer=layer)
     hook_sae = sae if method == "YaPO" else None
     if args.lam == "auto":
-        args.lam = yapo.auto_lam(model, tok, hook_sae, train, args)
+        args = dataclasses.replace(args, lam=yapo.auto_lam(model, tok, hook_sae, train, args))
     t0 = time.perf_counter()
     v, history = yapo.train(model, tok, hook_sae, train, args)
     seconds = time.perf_counter() - t0

@@ -37,7 +37,7 @@ def one_toy(seed, n_reviews, quick=False):
     for name, method in (("YaPO", "yapo"), ("BiPO", "bipo")):
         margs = yapo.parse_args(flags + ["--method", method])
         hook_sae = sae if method == "yapo" else None
-        margs.lam = yapo.auto_lam(model, tok, hook_sae, train, margs)
+        margs = dataclasses.replace(margs, lam=yapo.auto_lam(model, tok, hook_sae, train, margs))
         v, _ = yapo.train(model, tok, hook_sae, train, margs)
         out["methods"][name] = {}
         for label, pairs in zip(SETS, (test, novel)):
