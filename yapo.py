@@ -54,7 +54,7 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 
 # ----------------------------------------------------------------------------------------------------
-# Settings: every flag is a field of Args, with its --help line; a preset only changes the defaults.
+# Settings: every flag is a field of Args, with its --help line; a preset (PRESETS, after main) changes defaults.
 
 def arg(default, help, **more):
     """A dataclass field whose help text becomes the flag's --help line (HfArgumentParser reads metadata)."""
@@ -153,7 +153,7 @@ class Args:
 
 # ----------------------------------------------------------------------------------------------------
 # Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward, y_l the side -v does.
-# load_pairs (below) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become token ids,
+# load_pairs (below main) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become token ids,
 # x and each answer tokenized apart so that log p(y|x) sums exactly the answer's tokens.
 
 def chat_prompt(tok, prompt):
