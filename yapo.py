@@ -80,10 +80,11 @@ def check_args(args):
         raise ValueError("--eval-only needs --vector PATH")
     if args.top_k and args.method not in ("yapo", "sas"):
         raise ValueError("--top-k prunes SAE latents, so it needs --method yapo or sas")
-    asks = [flag for flag, on in ((f"--method {args.method}", args.method in ("caa", "sas")), ("--export-gguf",
-            args.export_gguf), ("--resample-rejected", args.resample_rejected != "no")) if on]
-    if asks and importlib.util.find_spec("offline") is None:      # what the lesson leaves out lives there
-        raise ValueError(f"{asks[0]} needs offline.py next to yapo.py (it holds what the lesson leaves out): copy it")
+    in_offline = {f"--method {args.method}": args.method in ("caa", "sas"), "--export-gguf": bool(args.export_gguf),
+                  "--resample-rejected": args.resample_rejected != "no"}      # what the lesson leaves out
+    asked = [flag for flag, on in in_offline.items() if on]
+    if asked and importlib.util.find_spec("offline") is None:
+        raise ValueError(f"{asked[0]} needs offline.py next to yapo.py (it holds what the lesson leaves out): copy it")
 
 
 @dataclass(frozen=True)
