@@ -2,8 +2,10 @@
 the notebook's tiny configuration load was made, the SAE trainer behind the local Gemma 3 270M's SAE, the
 packaged Gemma 3 270M turned into a model folder for `--preset local`, the paper's data set as yapo.py reads it
 (`--data` a hub id or `datasets` folder) and its on-policy rejected answers (`--resample-rejected`), a prompt for
-the judge of open-ended answers, the untrained baselines CAA and SAS (`--method caa|sas`), and the llama.cpp export
-of a vector (`yapo.py --export-gguf`). yapo.py imports each only when its flag asks for it.
+the judge of open-ended answers, the untrained baselines CAA and SAS (`--method caa|sas`), the checks yapo.py makes
+beyond the method (the SAE's fit, the LM head, a quick answer without the hub), reading a vector (its top latents,
+where they fire, `--top-k`) and the llama.cpp export (`yapo.py --export-gguf`). yapo.py imports what it needs of it
+when it needs it, and runs without it except for the flags that ask for it.
 
     python offline.py toy       # rebuild the toy into benchmarks/toy/ (tokenizer, language model, SAE; ~40 s)
     python offline.py gemma3    # the packaged Gemma 3 270M as a folder (--preset local does this by itself)
@@ -16,8 +18,10 @@ import os
 import platform
 import random
 import shutil
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -282,6 +286,72 @@ def gemma3_folder(folder=GEMMA3_DIR):
     return folder
 
 
+# ---------------------------------------------------------------------------------------------- checks
+# What yapo.py checks beyond the method, before it writes anything: the hub answers in seconds or is left alone, and
+# the SAE reads the layer it steers.
+
+def use_cache_if_hub_unreachable(timeout=3.0):
+    """One quick connection to the hub decides. Without one, every lookup would retry for about 50 s before failing,
+    so from the first failure on only files already in the local cache are used (as HF_HUB_OFFLINE=1 asks)."""
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        print(f"note: {url.hostname} cannot be reached: only models and SAEs already in the local cache can load")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+
+
+POOR_FVU = 0.5   # above this an SAE explains less than half of the layer's variance: the wrong layer, model or SAE
+
+
+@torch.no_grad()
+def sae_fit(model, tok, sae, pairs, layer):
+    """How well the SAE reads the layer it steers, on the prompts of (up to 64) pairs, <bos> left out (SAEs are not
+    trained on its huge norm): FVU = sum ||h - Dec(Enc(h))||^2 / sum ||h - mean(h)||^2, and the mean L0."""
+    from yapo import collate, prompt_ids, residual_stream
+    batch = collate([(prompt_ids(tok, p["prompt"]), []) for p in pairs[:64]], tok.pad_token_id, model.device)
+    keep = batch["attention_mask"].bool()
+    keep[:, 0] = False                                                       # <bos>
+    h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[keep].float()   # [N, d_model]
+    z = sae.encode(h.to(sae.W_dec.dtype))
+    fvu = ((h - sae.decode(z).float()).pow(2).sum() / (h - h.mean(0)).pow(2).sum()).item()
+    fit = {"fvu": fvu, "l0": (z > 0).sum(-1).float().mean().item(), "tokens": len(h)}
+    print(f"SAE at layer {layer}: FVU {fvu:.3f}, mean L0 {fit['l0']:.1f} on {len(h)} prompt tokens")
+    if fvu > POOR_FVU:                             # Eq. 3 would shift latents that do not describe this layer
+        print(f"WARNING: this SAE reconstructs layer {layer} poorly (FVU {fvu:.2f} > {POOR_FVU}): "
+              f"check --layer, --model and --sae")
+    return fit
+
+
+@torch.no_grad()
+def check_lm_head(model):
+    """yapo.sequence_logprobs applies the LM head itself (yapo.lm_head_logits): it must match the model's forward."""
+    from yapo import lm_head_logits
+    ids = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
+    full = model(input_ids=ids).logits[0, -1].float()
+    ours = lm_head_logits(model, model.model(input_ids=ids).last_hidden_state[0, -1]).float()
+    if not torch.allclose(full, ours, rtol=0.02, atol=0.02 * full.abs().max().item()):   # bf16-sized slack
+        raise ValueError(f"{type(model).__name__} transforms its logits in a way lm_head_logits does not repeat; "
+                         f"add that step to yapo.lm_head_logits")
+
+
+def check_the_setup(model, tok, sae, pairs, args):
+    """yapo.py's checks once the model is loaded: the SAE's fit to its layer (None without an SAE), and the refusals
+    that need the model: lam auto on an SAE that does not read the layer, and an export llama.cpp cannot load."""
+    check_lm_head(model)
+    fit = sae_fit(model, tok, sae, pairs, args.layer) if sae is not None else None
+    if args.lam == "auto" and not args.eval_only and fit and fit["fvu"] > POOR_FVU:
+        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
+                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
+                         f"--model and --sae, or pass --lam")
+    if args.export_gguf:                          # refuse it before training, not after
+        gguf_for_layer(args.layer)
+    return fit
+
+
 # ---------------------------------------------------------------------------------------------- the paper's data
 # yapo.load_pairs reads JSON lines and CSV itself; these read a `datasets` folder or hub id (the paper's data set is
 # MBZUAI-Paris/Deep-Culture-Lense) and map the authors' columns onto yapo.py's schema.
@@ -321,8 +391,11 @@ def sample_rejected(model, tok, pairs, args, save_to=None):
     todo = [i for i, p in enumerate(pairs) if p["rejected"] is None or args.resample_rejected == "all"]
     for i in todo:
         for attempt in range(5):                                  # a sample may be empty (an immediate <eos>)
-            pairs[i]["rejected"] = yapo.generate(model, tok, pairs[i]["prompt"], args.sample_max_tokens,
-                                                 args.sample_temperature, seed=args.seed * 100003 + i * 7 + attempt)
+            sampling = {}                                         # temperature 0: the greedy answer
+            if args.sample_temperature > 0:
+                torch.manual_seed(args.seed * 100003 + i * 7 + attempt)
+                sampling = {"do_sample": True, "temperature": args.sample_temperature}
+            pairs[i]["rejected"] = yapo.generate(model, tok, pairs[i]["prompt"], args.sample_max_tokens, **sampling)
             if pairs[i]["rejected"]:
                 break
         else:
@@ -400,6 +473,93 @@ def sas_vector(model, tok, sae, pairs, args):
         raise ValueError(f"SAS kept no latent: none is active on more than --sas-tau {args.sas_tau} of one side's "
                          f"tokens alone; lower --sas-tau")
     return v
+
+
+# ---------------------------------------------------------------------------------------------- reading a vector
+# A YaPO (or SAS) vector lives in SAE latents, so it can be read: its strongest latents (top_latents), where each
+# fires (latent_contexts; yapo.py prints both after its evaluation), and v pruned to its top K (yapo.py --top-k K).
+
+def restrict_sae(sae, latents):
+    """The SAE with only `latents` kept. Exact where the activation acts latent by latent (ReLU, JumpReLU, gated):
+    they get the same z as in the full SAE, and a latent with v_i = 0 adds ReLU(z) - z = 0 to Eq. 3 anyway."""
+    if sae.cfg.architecture() not in ("standard", "jumprelu", "gated"):
+        raise ValueError(f"yapo.py --top-k needs an SAE whose activation acts latent by latent; "
+                         f"this one is {sae.cfg.architecture()!r}: evaluate without --top-k")
+    cfg = type(sae.cfg).from_dict(sae.cfg.to_dict() | {"d_sae": len(latents)})
+    small = type(sae)(cfg)
+    state = {name: (p[:, latents] if name == "W_enc" else p[latents] if p.shape[0] == sae.cfg.d_sae else p)
+             for name, p in sae.state_dict().items()}
+    small.load_state_dict(state)
+    return small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+
+
+def prune(v, sae, k, scores=None):
+    """Keep the k latents of largest `scores` (default |v_i|): returns (v restricted to them, the SAE restricted to
+    them), so the hook encodes and decodes k latents instead of d_sae."""
+    latents = (v.abs() if scores is None else scores).topk(min(k, v.numel())).indices.sort().values
+    return v[latents].detach().clone(), restrict_sae(sae, latents.to(sae.W_dec.device))
+
+
+def neuronpedia_url(sae, latent):
+    """Where to read what a latent means, if the SAE's metadata names its Neuronpedia page."""
+    np_id = sae.cfg.metadata.neuronpedia_id
+    return f"https://www.neuronpedia.org/{np_id}/{latent}" if np_id else None
+
+
+def top_latents(v, sae, n):
+    """Up to n latents with v_i > 0 and n with v_i < 0, largest |v_i| first, with Neuronpedia links where the SAE
+    has a page; and the vector's L0 (latents it touches at all) and L2 norm."""
+    def pick(signed):                                            # signed = v or -v
+        k = min(n, int((signed > 0).sum()))
+        return [{"latent": int(i), "value": float(v[i]), "url": neuronpedia_url(sae, int(i))}
+                for i in signed.topk(k).indices]
+    return {"l0": int((v != 0).sum()), "norm": float(v.norm()), "positive": pick(v), "negative": pick(-v)}
+
+
+@torch.no_grad()
+def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
+    """What each latent reads, for any SAE (most have no Neuronpedia page): {latent: [{"activation", "context"}]},
+    the n distinct places in the pairs' texts where it fires most, `width` tokens and the firing one in [brackets].
+    <bos> is left out: many latents fire on it, and it says nothing."""
+    import yapo
+
+    def show(seq, t):                                             # `width` tokens, then the firing one in brackets
+        return (tok.decode(seq[max(1, t - width):t]) + f"[{tok.decode(seq[t:t + 1])}]").replace("\n", "\\n")
+
+    seqs = [x + y for p in pairs for x, w, l in [yapo.tokenize_pair(tok, p)] for y in (w, l)]
+    acts, where = [], []
+    for i in range(0, len(seqs), 16):
+        batch = yapo.collate([([], s) for s in seqs[i:i + 16]], tok.pad_token_id, model.device)
+        keep = batch["attention_mask"].bool()
+        keep[:, 0] = False
+        z = sae.encode(yapo.residual_stream(model, layer, batch["input_ids"], batch["attention_mask"]))
+        acts.append(z[..., latents][keep].float().cpu())                              # [n_tokens, len(latents)]
+        where += [(i + b, t) for b, t in keep.nonzero().tolist()]
+    acts = torch.cat(acts)
+    out = {}
+    for j, latent in enumerate(latents):
+        out[latent], seen = [], set()
+        for row in acts[:, j].argsort(descending=True).tolist():
+            if acts[row, j] <= 0 or len(out[latent]) == n:
+                break
+            context = show(seqs[where[row][0]], where[row][1])
+            if context not in seen:                               # x appears in both x + y_w and x + y_l
+                seen.add(context)
+                out[latent].append({"activation": acts[row, j].item(), "context": context})
+    return out
+
+
+def show_latents(model, tok, sae, v, pairs, args):
+    """What yapo.py prints after the evaluation: the strongest latents of a YaPO (or SAS) vector, where each fires."""
+    lat = top_latents(v, sae, args.n_top_latents)
+    listed = lat["positive"] + lat["negative"]
+    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
+    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
+    for t in listed:
+        t["reads"] = reads[t["latent"]]
+        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
+        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
+    return lat
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp export

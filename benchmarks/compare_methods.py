@@ -209,8 +209,8 @@ def main(argv=None):
     print(f"{args.behavior}: {len(train_pairs)} train / {len(test_pairs)} held-out pairs, layer {args.layer}, "
           f"multipliers {args.multipliers}" + ("  [tiny setup: mechanics only]" if mechanics_only else ""), flush=True)
 
-    fit = yapo.sae_fit(model, tok, sae, train_pairs, args.layer)     # printed; warns if the SAE reads L poorly
-    if args.lam == "auto" and fit["fvu"] > yapo.POOR_FVU:
+    fit = offline.sae_fit(model, tok, sae, train_pairs, args.layer)     # printed; warns if the SAE reads L poorly
+    if args.lam == "auto" and fit["fvu"] > offline.POOR_FVU:
         raise SystemExit(f"--lam auto needs an SAE that reads layer {args.layer} (FVU {fit['fvu']:.2f}): check "
                          f"--layer, --model and --sae, or pass --lam")
     methods = {}
