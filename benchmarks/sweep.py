@@ -521,8 +521,9 @@ def overview(summary, paired, kls):
     vcolumns = [("behavior", "behaviour"), ("comparison", "YaPO minus")]
     vcolumns += [((m, f"KL {kl:g}"), f"{LABELS[m][0]} at KL {kl:g}")
                  for kl in kls for m in ("behavior_score", "margin")]
-    return [common.markdown_table(cells, columns), "", "YaPO minus each baseline at equal drift (the paired 95 % "
-            "interval; 'cannot tell' where it contains 0; n as in the table above):", "",
+    return [common.markdown_table(cells, columns), "", "YaPO minus each baseline at equal drift (± the paired 95 % "
+            "interval, before correction; 'better' or 'worse' only where the difference survives Holm's correction, "
+            "so an interval that excludes 0 can still read 'cannot tell'; n as in the table above):", "",
             common.markdown_table(list(verdicts.values()), vcolumns), ""]
 
 
