@@ -121,12 +121,12 @@ class Args:
     # evaluation
     multipliers: list[float] = arg([-2.0, -1.0, 0.0, 1.0, 2.0], "evaluation sweep: steer with m*lam*v for each m")
     target_kl: float = arg(0.0, "instead, evaluate at m = 0 and at the m of each sign whose drift KL is this")
-    top_k: int = arg(0, "evaluate the YaPO vector pruned to its top-K latents by |v| (0 = all)")
+    top_k: int = arg(0, "evaluate the YaPO vector pruned to its top-K latents by |v| (0 = all; offline.py)")
     n_generations: int = arg(3, "prompts answered greedily per m, plus open culture rows for a judge (0: none)")
     max_new_tokens: int = arg(48, "length of those greedy answers")
     mcq_generate: bool = arg(False, "also score MCQ rows by a greedy answer parsed for \\boxed{k}, (A) or A")
     pnlg_alpha: float = arg(1.0, "alpha in PNLG (Eq. 5): the gap is divided by mean performance ** alpha")
-    n_top_latents: int = arg(10, "latents to list when interpreting a YaPO vector")
+    n_top_latents: int = arg(10, "latents to list when interpreting a YaPO vector (offline.py)")
     # run
     eval_only: bool = arg(False, "skip training and evaluate --vector")
     vector: str = arg("", "a vector.safetensors to evaluate with --eval-only")
