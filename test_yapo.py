@@ -1871,14 +1871,14 @@ def test_yapo_py_copied_alone_with_the_toy_trains_and_evaluates_without_offline_
     where latents fire) is left out of the output, not an error."""
     (tmp_path / "yapo.py").write_text((ROOT / "yapo.py").read_text())
     shutil.copytree(ROOT / "benchmarks" / "toy", tmp_path / "benchmarks" / "toy")
-    done = run_yapo(tmp_path, "--tiny", "--data", DATA, "--epochs", "2", "--n-generations", "0",
-                    script=tmp_path / "yapo.py")
+    done = run_yapo(tmp_path, "--tiny", "--data", DATA, "--epochs", "1", "--n-generations", "0", "--multipliers",
+                    "-1", "0", "1", script=tmp_path / "yapo.py")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "multiplier      behavior" in done.stdout and "SAE at layer" not in done.stdout
     assert "where each fires most" not in done.stdout
     (run,) = (tmp_path / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
-    assert results["sae_fit"] is None and "latents" not in results and len(results["eval"]["rows"]) == 5
+    assert results["sae_fit"] is None and "latents" not in results and len(results["eval"]["rows"]) == 3
 
 
 def test_up_to_main_every_function_of_yapo_py_uses_only_what_is_defined_above_it():
