@@ -3,6 +3,7 @@ SAE, random token batches, memory readings, tables and JSON. Each script in benc
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -217,6 +218,45 @@ def markdown_table(rows, columns):
     lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
 
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def paired_interval(a, b, clusters):
+    """YaPO minus a baseline on the same held-out pairs, with an interval that counts what is random: a model with
+    two variance components. a: [runs_a, n] and b: [runs_b, n] per-pair values (runs: seeds; a seed-independent
+    method has one run); clusters: n ids, one per group of pairs that are not independent (both forms of a culture
+    question share one; elsewhere a pair is its own). The variance of the mean difference is the cluster-robust
+    variance over clusters of the seed-averaged differences plus, for each method with several runs, the variance
+    of its run means over the number of runs; the 95 % interval and the p-value of "no difference" use Student's t
+    with Welch-Satterthwaite degrees of freedom (clusters - 1, runs - 1 for each part)."""
+    from scipy import stats
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    d = a.mean(0) - b.mean(0)                                                   # [n] seed-averaged differences
+    mean = d.mean().item()
+    ids = sorted(set(clusters), key=list(clusters).index)
+    sums = torch.stack([d[[k for k, c in enumerate(clusters) if c == i]].sum() for i in ids])
+    sizes = torch.tensor([list(clusters).count(i) for i in ids], dtype=torch.float64)
+    parts = [(len(ids) / (len(ids) - 1) * ((sums - mean * sizes) ** 2).sum().item() / len(d) ** 2, len(ids) - 1)]
+    parts += [(x.mean(1).var().item() / len(x), len(x) - 1) for x in (a, b) if len(x) > 1]
+    var = sum(v for v, _ in parts)
+    df = var ** 2 / sum(v ** 2 / k for v, k in parts if v > 0) if var > 0 else float("inf")
+    half = stats.t.ppf(0.975, df) * math.sqrt(var)
+    p = 2 * stats.t.sf(abs(mean) / math.sqrt(var), df) if var > 0 else float(mean == 0)
+    return {"difference": mean, "ci95": half, "df": df, "p": p, "clusters": len(ids), "runs": [len(a), len(b)]}
+
+
+def holm(p_values, alpha=0.05):
+    """Holm's step-down correction across a family of tests: which of them reject at family-wise level alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    reject = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break                                                 # this one and every larger p stand
+        reject[i] = True
+    return reject
+
+
+# ---------------------------------------------------------------------------------------------- JSON
 
 def write_json(path, results):
     path = Path(path)

@@ -11,9 +11,10 @@ Per method: behaviour score (mean sigmoid(log p(y_w|x) - log p(y_l|x))), margin 
 difference in nats, which still moves where the sigmoid saturates) and accuracy at m = -1 and +1, the
 drift KL of the next-token distribution at +1, for MCQ culture rows the MCQ accuracy, RCA and PNLG at +1,
 and the seconds it took to build its vector. Vectors of different methods have different natural scales,
-so each is also read at the same cost: the m where its drift KL first exceeds --kl, linearly interpolated
-in the sweep of positive multipliers, and the behaviour score there ("not reached" if the sweep never
-exceeds it), with the margin there.
+so each is also read at the same cost: evaluated again at the m > 0 whose measured drift KL is within 5 % of
+--kl (calibrated_rows: yapo.multiplier_for_drift, a search on the drift alone), with the behaviour score and
+margin there ("not reached" if no m up to M_MAX gets there); the paired differences at equal drift are read from
+those rows. (Before calibration, the m was interpolated on the grid: at_kl, kept in the JSON for comparison.)
 
     python benchmarks/compare_methods.py                      # tiny setup (yapo.py --tiny): mechanics only
     python benchmarks/compare_methods.py --quick              # smoke test: 1 epoch on 8 pairs, 4 scored
@@ -43,6 +44,7 @@ FULL = {"multipliers": [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0], "max_train_pairs": 
 QUICK = {"multipliers": [-1.0, 0.0, 1.0, 4.0], "max_train_pairs": 8, "max_test_pairs": 4, "epochs": 1}
 METHODS = ("none", "CAA", "SAS", "BiPO", "YaPO")
 METHOD = {"none": "bipo", "CAA": "caa", "SAS": "sas", "BiPO": "bipo", "YaPO": "yapo"}   # yapo.py --method
+M_MAX = 16.0                        # calibration: a drift that no m up to this reaches is "not reached"
 TINY_SAS_TAUS = (0.1, 0.05, 0.02)   # the tiny SAE's latents are rarer than Gemma Scope's: yapo's 0.7 keeps none
 
 
@@ -93,6 +95,21 @@ def at_kl(sweep, kl):
     return None
 
 
+def calibrated_rows(model, tok, sae, v, test, args, kls, m_max=M_MAX, sides=(("plus", 1.0), ("minus", -1.0))):
+    """For each target drift and each sign, the held-out pairs evaluated at the multiplier whose measured drift KL
+    is within 5 % of the target (yapo.multiplier_for_drift, on the drift alone): {"0.05": {"plus": row | None,
+    "minus": ...}, ...}, each row with its "multiplier" and the "drift_kl" measured there; None: not reached for
+    |m| up to m_max."""
+    out, seen = {}, {}
+    for kl in kls:
+        out[str(kl)] = {}
+        for side, sign in sides:
+            found = yapo.multiplier_for_drift(model, tok, sae, v, test, args, kl, sign, m_max=m_max, seen=seen)
+            out[str(kl)][side] = found and yapo.evaluate(
+                model, tok, sae, v, test, dataclasses.replace(args, multipliers=[found["multiplier"]]))["rows"][0]
+    return out
+
+
 def per_pair(row, metric):
     """One metric on each held-out pair, from an evaluate row (mcq_accuracy: on each MCQ row)."""
     if metric == "mcq_accuracy":
@@ -102,11 +119,15 @@ def per_pair(row, metric):
 
 
 def per_pair_at(entry, metric, where):
-    """Per-pair values at multiplier `where`, or (where = ("kl", x)) at the m where drift KL reaches x,
-    interpolated between the same two sweep points as at_kl does for the means; None if never reached."""
+    """Per-pair values at multiplier `where`, or (where = ("kl", x)) at equal drift: from the row evaluated at the
+    calibrated multiplier where the entry has one ("calibrated"), else interpolated between the same two sweep
+    points as at_kl does for the means (units measured before calibration); None if never reached."""
     by_m = {r["multiplier"]: r for r in entry["rows"]}
     if not isinstance(where, tuple):
         return per_pair(by_m[where], metric)
+    if "calibrated" in entry:
+        row = entry["calibrated"][str(where[1])]["plus"]
+        return None if row is None else per_pair(row, metric)
     hit = at_kl(entry["rows"], where[1])
     if hit is None:
         return None
@@ -115,10 +136,11 @@ def per_pair_at(entry, metric, where):
     return per_pair(by_m[lo], metric) + t * (per_pair(by_m[hi], metric) - per_pair(by_m[lo], metric))
 
 
-def paired_differences(methods, kls, base="YaPO"):
+def paired_differences(methods, kls, clusters, base="YaPO"):
     """base minus every other method on the same held-out pairs, pair by pair, at m = -1, m = +1 and at equal drift
-    (each KL in kls), with a 95 % interval (yapo.mean_interval); at equal drift also a verdict: 'better' or 'worse'
-    where the interval excludes 0, else 'cannot tell at n = ...'."""
+    (each KL in kls), with a 95 % interval over the groups of pairs (common.paired_interval; clusters: one id per
+    pair, both forms of a culture question share one); at equal drift also a verdict after Holm's correction across
+    those comparisons: 'better' or 'worse' where it rejects "no difference", else 'cannot tell at n = ...'."""
     metrics = ["behavior_score", "accuracy", "margin"] + (["mcq_accuracy"] if "mcq" in methods[base]["rows"][0] else [])
     out = []
     for other in (m for m in methods if m != base):
@@ -130,11 +152,21 @@ def paired_differences(methods, kls, base="YaPO"):
                 if a is None or b is None:
                     out.append(row | {"difference": "not reached", "ci95": None, "n": None, "verdict": None})
                     continue
-                mean, ci = yapo.mean_interval(a - b)
-                verdict = None if isinstance(where, float) else (
-                    "better" if mean - ci > 0 else "worse" if mean + ci < 0 else f"cannot tell at n = {len(a)}")
-                out.append(row | {"difference": mean, "ci95": ci, "n": len(a), "verdict": verdict})
+                cl = clusters if metric != "mcq_accuracy" else [c for c, p in clusters.mcq]
+                r = common.paired_interval(a[None], b[None], cl)
+                out.append(row | {k: r[k] for k in ("difference", "ci95", "p")} | {"n": len(a), "verdict": None})
+    tested = [r for r in out if r["at"].startswith("KL") and r["n"]]
+    for r, reject in zip(tested, common.holm([r["p"] for r in tested])):
+        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
     return out
+
+
+class Clusters(list):
+    """The held-out pairs' cluster ids (a question's group, else the pair itself), and those of its MCQ pairs."""
+
+    def __init__(self, test_pairs):
+        super().__init__((p["group"] or p["where"]) for p in test_pairs)
+        self.mcq = [(p["group"] or p["where"], p) for p in test_pairs if p["format"] == "mcq"]
 
 
 def summary_row(method, entry):
@@ -142,7 +174,7 @@ def summary_row(method, entry):
     by_m = {r["multiplier"]: r for r in entry["rows"]}
     lo, hi = by_m[-1.0], by_m[1.0]
     mcq = hi.get("mcq") or {}
-    hit = entry["at_kl"]
+    hit = entry["at_kl"]                                   # the row at the calibrated multiplier, or None
     return {"method": method, "build_s": entry["build_seconds"], "lam": entry["lam"],
             "score_minus_1": lo["behavior_score"], "score_plus_1": hi["behavior_score"],
             "margin_minus_1": lo.get("margin"), "margin_plus_1": hi.get("margin"),
@@ -225,9 +257,13 @@ def main(argv=None):
         v, hook_sae, extra = build(method, model, tok, sae, train_pairs, margs, tiny, sas_tau_given)
         seconds = time.perf_counter() - t0
         rows = yapo.evaluate(model, tok, hook_sae, v, test_pairs, margs)["rows"]
+        calibrated = (calibrated_rows(model, tok, hook_sae, v, test_pairs, margs, opts.kl, sides=(("plus", 1.0),))
+                      if method != "none" else {str(kl): {"plus": None} for kl in opts.kl})   # v = 0 never drifts
         methods[method] = {"mode": METHOD[method], "space": "SAE latents" if hook_sae is not None else "residual stream",
                            "lam": float(margs.lam), "build_seconds": seconds, "l0": int((v != 0).sum()),
-                           "norm": v.norm().item(), **extra, "rows": rows, "at_kl": at_kl(rows, opts.kl[0])}
+                           "norm": v.norm().item(), **extra, "rows": rows, "calibrated": calibrated,
+                           "at_kl": calibrated[str(opts.kl[0])]["plus"],
+                           "at_kl_interpolated": at_kl(rows, opts.kl[0])}
         print(f"{method:>5}: built in {seconds:.1f} s, evaluated", flush=True)
 
     table = [summary_row(m, e) for m, e in methods.items()]
@@ -242,7 +278,7 @@ def main(argv=None):
     columns += [("m_at_kl", f"m at KL {kl:g}"), ("score_at_kl", f"score at KL {kl:g}"),
                 ("margin_at_kl", f"margin at KL {kl:g}")]
 
-    paired = paired_differences(methods, opts.kl)
+    paired = paired_differences(methods, opts.kl, Clusters(test_pairs))
     paired_columns = [("comparison", "comparison"), ("at", "at"), ("metric", "metric"), ("difference", "difference"),
                       ("ci95", "+- (95 %)"), ("n", "n"), ("verdict", "at equal drift")]
 
@@ -255,7 +291,8 @@ def main(argv=None):
             f"{len(test_pairs)} held-out pairs, one seed: read differences between methods with that sample in mind.")
     note += (f" Each method is evaluated at m*lam*v with the lam in its row; vectors of different methods have "
              f"different natural scales, so 'm at KL {kl:g}' also compares them at equal drift instead of at "
-             f"equal m (interpolated in the sweep of m >= 0). Drift KL is KL(steered || unsteered) of the "
+             f"equal m: each evaluated again at the m > 0 whose measured drift KL is within 5 % of {kl:g} "
+             f"(not reached: no m up to {M_MAX:g}). Drift KL is KL(steered || unsteered) of the "
              f"next-token distribution after each held-out prompt; scores at m = 0 are the unsteered model's "
              f"for every method.")
     title = (f"# Steering methods compared: {args.behavior}, seed {args.seed}"
@@ -263,7 +300,8 @@ def main(argv=None):
     markdown = "\n".join([title, "", f"Setup: {setup}; {len(train_pairs)} training pairs, {len(test_pairs)} held-out "
                           f"pairs; multipliers {args.multipliers}" + (" [QUICK: a smoke test]" if opts.quick else ""),
                           "", common.markdown_table(table, columns), "", note, "",
-                          "Paired differences on the same held-out pairs, with 95 % intervals:", "",
+                          "Paired differences on the same held-out pairs, with 95 % intervals over the groups of "
+                          "pairs (Student's t); the verdicts at equal drift follow Holm's correction across them:", "",
                           common.markdown_table(paired, paired_columns), "",
                           "Behaviour score / margin (nats) / drift KL at each multiplier:", "",
                           common.markdown_table(sweep_rows(methods), [("method", "method")] + [

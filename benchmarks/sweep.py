@@ -19,8 +19,9 @@ behaviour (<method>.json), read for every seed. One unit: benchmarks/results/loc
 order), lam, build and evaluation seconds and, for BiPO and YaPO, the training loss of every step; beside it the
 vector (<unit>.safetensors), so that a new evaluation reads it instead of training again; and under "at_kl" the
 held-out pairs evaluated at the multiplier of each sign whose measured drift KL is within 5 % of 0.05 and of 0.2
-(yapo.multiplier_for_drift: a search on the drift alone; null where |m| up to M_MAX = 16 does not reach it). A call starts a unit only while --minutes have
-not passed and, once it has made a unit of that method, only if one more such unit would end within them.
+(compare_methods.calibrated_rows: a search on the drift alone; null where |m| up to M_MAX = 16 does not reach
+it). A call starts a unit only while --minutes have not passed and, once it has made a unit of that method, only if
+one more such unit would end within them.
 
 Every unit records the sha256 of the SAE it used (local_gemma3.sae_fingerprint), and run, convergence and report
 refuse a folder whose units come from two SAEs: the local SAE is trained here, and before its build was pinned to
@@ -28,11 +29,15 @@ AVX2 kernels a CPU with other kernels trained another one (results/sae_gemma3_27
 sae_gemma3_270m.json), so a sweep continued after a rebuild could mix two SAEs unseen.
 
 report: reads whatever units exist (and lists the missing ones) and writes, per behaviour and method, the behaviour
-score and margin at m = -1 and +1, the drift KL at +1 and on culture the MCQ accuracy, each a mean with a 95 %
-interval over the held-out pairs (each pair's value first averaged over the seeds present, then
-yapo.mean_interval); and per behaviour YaPO minus CAA, SAS and BiPO at equal drift (KL 0.05 and 0.2: each pair's
-value interpolated where that run's drift reaches the KL, as compare_methods.per_pair_at does, averaged over the
-seeds that reach it, then the paired interval) with a verdict: "better", "worse" or "cannot tell at n = N".
+score and margin at m = -1 and +1, the drift KL at +1 and on MCQ rows the accuracy (options as written, and over
+every cyclic order of them, with the unsteered model's picks by position), each a mean with a 95 % interval over
+the held-out pairs (each pair's value first averaged over the seeds present, then yapo.mean_interval); and per
+behaviour YaPO minus CAA, SAS and BiPO at equal drift (KL 0.05 and 0.2: the rows evaluated at each run's
+calibrated multiplier, m > 0) with the interval of common.paired_interval (question groups and seeds) and a verdict
+after Holm's correction across every comparison of the report: "better", "worse" or "cannot tell at n = N". It
+also reads the same units the way they were read before calibration (interpolated on the grid, the interval over
+pairs alone, no correction), to show what calibration changes. Units measured before calibration
+(results/local/sweep_sae_23a3c121/) are read that older way only.
 
 convergence: YaPO against BiPO on power_seeking, 3 seeds, 10 epochs (120 steps of 4 pairs), at two settings:
   paper    the paper's parametrization: lambda 1, lr 5e-4; its 100 warm-up steps capped at a tenth of this run
@@ -303,7 +308,8 @@ def sweep_unit(env, loaded, behavior, method, seed, path):
         rows = yapo.evaluate(model, tok, hook_sae, v, test, args)["rows"]
     evaluated = time.perf_counter() - t0
     t0 = time.perf_counter()
-    calibrated = calibrated_rows(model, tok, hook_sae, v, test, args) if method != "none" else {}
+    calibrated = (compare_methods.calibrated_rows(model, tok, hook_sae, v, test, args, KLS, M_MAX)
+                  if method != "none" else {})
     print(f"{behavior} {method} seed {seed if seed is not None else '-'}: built in {built:.0f} s, evaluated in "
           f"{evaluated:.0f} s, calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
     return {"behavior": behavior, "method": method, "seed": seed, "mode": args.method, "tiny": env.tiny,
@@ -314,21 +320,6 @@ def sweep_unit(env, loaded, behavior, method, seed, path):
             "rows": rows, "at_kl": calibrated, "m_max": M_MAX,
             "at_kl_interpolated": {str(kl): compare_methods.at_kl(rows, kl) for kl in KLS},
             "args": dataclasses.asdict(args), "machine": common.machine()}
-
-
-def calibrated_rows(model, tok, sae, v, test, args):
-    """For each target drift and each sign, the held-out pairs evaluated at the multiplier whose measured drift KL
-    is within 5 % of the target (yapo.multiplier_for_drift, on the drift alone): {"0.05": {"plus": row | None,
-    "minus": ...}, ...}, each row with its "multiplier" and the "drift_kl" measured there; None: not reached for
-    |m| up to M_MAX."""
-    out, seen = {}, {}
-    for kl in KLS:
-        out[str(kl)] = {}
-        for sign, side in ((1.0, "plus"), (-1.0, "minus")):
-            found = yapo.multiplier_for_drift(model, tok, sae, v, test, args, kl, sign, m_max=M_MAX, seen=seen)
-            out[str(kl)][side] = found and yapo.evaluate(
-                model, tok, sae, v, test, dataclasses.replace(args, multipliers=[found["multiplier"]]))["rows"][0]
-    return out
 
 
 def run(env, behaviors, methods, seeds, minutes):
@@ -346,9 +337,10 @@ def run(env, behaviors, methods, seeds, minutes):
 
 def per_pair(entry, metric, where):
     """One run's per-pair values of metric at m = where, or where = ("kl", x) at equal drift; None if not reached."""
-    if metric == "drift_kl":
+    if metric in ("drift_kl", "mcq_every_order"):
         row = next(r for r in entry["rows"] if r["multiplier"] == where)
-        return torch.tensor(row["per_pair"]["drift_kl"], dtype=torch.float64)
+        got = row["per_pair"]["drift_kl"] if metric == "drift_kl" else row["mcq_every_order"]["correct"]
+        return torch.tensor(got, dtype=torch.float64)
     return compare_methods.per_pair_at(entry, metric, where)
 
 
@@ -375,6 +367,12 @@ def seeds_of(entries):
 
 SUMMARY = [("behavior_score", -1.0), ("behavior_score", 1.0), ("margin", -1.0), ("margin", 1.0), ("drift_kl", 1.0)]
 SUMMARY_MCQ = [("mcq_accuracy", -1.0), ("mcq_accuracy", 1.0)]
+SUMMARY_ANY_ORDER = [("mcq_every_order", -1.0), ("mcq_every_order", 1.0)]  # units measured before it lack it
+
+
+def mcq_summary(row):
+    """The MCQ columns a unit's evaluate row supports: none, accuracy, or accuracy and accuracy over every order."""
+    return SUMMARY_MCQ * ("mcq" in row) + SUMMARY_ANY_ORDER * ("mcq_every_order" in row)
 
 
 def key(metric, m):
@@ -382,11 +380,13 @@ def key(metric, m):
 
 
 def summary_row(behavior, method, entries):
-    mcq = "mcq" in entries[0]["rows"][0]
+    unsteered = next(r for r in entries[0]["rows"] if r["multiplier"] == 0)
     return {"behavior": behavior, "method": method, "seeds": seeds_of(entries), "n": entries[0]["test_pairs"],
+            "position_share_unsteered": unsteered.get("mcq_every_order", {}).get("position_share"),
             "lam": statistics.fmean(e["lam"] for e in entries),
             "build_seconds": statistics.fmean(e["build_seconds"] for e in entries)} | {
-        key(metric, m): interval(seed_mean(entries, metric, m)[0]) for metric, m in SUMMARY + SUMMARY_MCQ * mcq}
+        key(metric, m): interval(seed_mean(entries, metric, m)[0])
+        for metric, m in SUMMARY + mcq_summary(entries[0]["rows"][0])}
 
 
 def paired_rows(behavior, runs, kls):
@@ -408,41 +408,6 @@ def paired_rows(behavior, runs, kls):
     return out
 
 
-def paired_interval(a, b, clusters):
-    """YaPO minus a baseline on the same held-out pairs, with an interval that counts what is random: a model with
-    two variance components. a: [runs_a, n] and b: [runs_b, n] per-pair values (runs: seeds; a seed-independent
-    method has one run); clusters: n ids, one per group of pairs that are not independent (both forms of a culture
-    question share one; elsewhere a pair is its own). The variance of the mean difference is the cluster-robust
-    variance over clusters of the seed-averaged differences plus, for each method with several runs, the variance
-    of its run means over the number of runs; the 95 % interval and the p-value of "no difference" use Student's t
-    with Welch-Satterthwaite degrees of freedom (clusters - 1, runs - 1 for each part)."""
-    from scipy import stats
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    d = a.mean(0) - b.mean(0)                                                   # [n] seed-averaged differences
-    mean = d.mean().item()
-    ids = sorted(set(clusters), key=list(clusters).index)
-    sums = torch.stack([d[[k for k, c in enumerate(clusters) if c == i]].sum() for i in ids])
-    sizes = torch.tensor([list(clusters).count(i) for i in ids], dtype=torch.float64)
-    parts = [(len(ids) / (len(ids) - 1) * ((sums - mean * sizes) ** 2).sum().item() / len(d) ** 2, len(ids) - 1)]
-    parts += [(x.mean(1).var().item() / len(x), len(x) - 1) for x in (a, b) if len(x) > 1]
-    var = sum(v for v, _ in parts)
-    df = var ** 2 / sum(v ** 2 / k for v, k in parts if v > 0) if var > 0 else float("inf")
-    half = stats.t.ppf(0.975, df) * math.sqrt(var)
-    p = 2 * stats.t.sf(abs(mean) / math.sqrt(var), df) if var > 0 else float(mean == 0)
-    return {"difference": mean, "ci95": half, "df": df, "p": p, "clusters": len(ids), "runs": [len(a), len(b)]}
-
-
-def holm(p_values, alpha=0.05):
-    """Holm's step-down correction across a family of tests: which of them reject at family-wise level alpha."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    reject = [False] * len(p_values)
-    for rank, i in enumerate(order):
-        if p_values[i] > alpha / (len(p_values) - rank):
-            break                                                 # this one and every larger p stand
-        reject[i] = True
-    return reject
-
-
 def calibrated(entry):
     """Whether a unit holds rows at calibrated drifts (at_kl: {kl: {"plus": row, "minus": row}}), not the
     interpolated points of the units measured before calibration."""
@@ -451,8 +416,9 @@ def calibrated(entry):
 
 def calibrated_paired_rows(behavior, runs, kls, clusters):
     """YaPO minus each baseline at each equal drift (m > 0), per metric, from the rows evaluated at each run's
-    calibrated multiplier: paired_interval over question groups and seeds, with its p-value for Holm's correction
-    (report). Metrics: score and margin; on MCQ behaviours the accuracy over every order of the options too."""
+    calibrated multiplier: common.paired_interval over question groups and seeds, with its p-value for Holm's
+    correction (report). Metrics: score and margin; on MCQ behaviours the accuracy over every order of the options
+    too."""
     mcq = "mcq" in runs["YaPO"][0]["rows"][0]
     metrics = ["behavior_score", "margin"] + ["mcq_every_order"] * mcq
     values = lambda row, metric: (torch.tensor(row["mcq_every_order"]["correct"], dtype=torch.float64)
@@ -471,23 +437,15 @@ def calibrated_paired_rows(behavior, runs, kls, clusters):
                     continue
                 a, b = (torch.stack([values(r, metric) for r in reach[m]]) for m in ("YaPO", other))
                 cl = clusters if metric != "mcq_every_order" else [c for c, p in clusters.mcq]
-                out.append(row | paired_interval(a, b, cl) | {"n": a.shape[1]})
+                out.append(row | common.paired_interval(a, b, cl) | {"n": a.shape[1]})
     return out
-
-
-class Clusters(list):
-    """The held-out pairs' cluster ids (a question's group, else the pair itself), and those of its MCQ pairs."""
-
-    def __init__(self, test_pairs):
-        super().__init__((p["group"] or p["where"]) for p in test_pairs)
-        self.mcq = [(p["group"] or p["where"], p) for p in test_pairs if p["format"] == "mcq"]
 
 
 def holm_verdicts(paired, alpha=0.05):
     """Every comparison that was reached gets a verdict after Holm's correction across all of them: 'better' or
     'worse' where it rejects "no difference" at family-wise level alpha, else 'cannot tell'."""
     tested = [r for r in paired if r.get("p") is not None]
-    for r, reject in zip(tested, holm([r["p"] for r in tested], alpha)):
+    for r, reject in zip(tested, common.holm([r["p"] for r in tested], alpha)):
         r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
         r["uncorrected"] = "excludes 0" if abs(r["difference"]) > r["ci95"] else "contains 0"
     return len(tested)
@@ -510,34 +468,54 @@ def overview(summary, paired, kls):
              | {key(m, x): pm(r[key(m, x)], style) for (m, x), style in zip(SUMMARY, styles)} for r in summary]
     columns = [("behavior", "behaviour (held-out pairs)"), ("method", "method"), ("seeds", "seeds")]
     columns += [(key(m, x), f"{LABELS[m][0]} m = {x:+g}") for m, x in SUMMARY]
+    return [common.markdown_table(cells, columns), "", "YaPO minus each baseline at equal drift (± the paired 95 % "
+            "interval, before correction; 'better' or 'worse' only where the difference survives Holm's correction, "
+            "so an interval that excludes 0 can still read 'cannot tell'; n as in the table above):", "",
+            verdict_table(paired, kls), ""]
+
+
+def verdict_table(paired, kls):
+    """One line per behaviour and baseline: YaPO's difference, interval and verdict on score and margin per KL."""
     verdicts = {}
-    for r in (r for r in paired if r["metric"] != "mcq_accuracy"):
+    for r in (r for r in paired if r["metric"] in ("behavior_score", "margin")):
         row = verdicts.setdefault((r["behavior"], r["comparison"]),
                                   {"behavior": r["behavior"], "comparison": r["comparison"].removeprefix("YaPO - ")})
         style = ".3f" if r["metric"] == "behavior_score" else ".2f"
         row[r["metric"], r["at"]] = (f"not reached ({r['runs_reaching']})" if r["verdict"] is None else
                                      f"{r['difference']:+{style}} ± {r['ci95']:{style}}: "
                                      + r["verdict"].split(" at ")[0])
-    vcolumns = [("behavior", "behaviour"), ("comparison", "YaPO minus")]
-    vcolumns += [((m, f"KL {kl:g}"), f"{LABELS[m][0]} at KL {kl:g}")
-                 for kl in kls for m in ("behavior_score", "margin")]
-    return [common.markdown_table(cells, columns), "", "YaPO minus each baseline at equal drift (± the paired 95 % "
-            "interval, before correction; 'better' or 'worse' only where the difference survives Holm's correction, "
-            "so an interval that excludes 0 can still read 'cannot tell'; n as in the table above):", "",
-            common.markdown_table(list(verdicts.values()), vcolumns), ""]
+    columns = [("behavior", "behaviour"), ("comparison", "YaPO minus")]
+    columns += [((m, f"KL {kl:g}"), f"{LABELS[m][0]} at KL {kl:g}") for kl in kls for m in ("behavior_score", "margin")]
+    return common.markdown_table(list(verdicts.values()), columns)
 
 
-def report_markdown(env, summary, paired, missing, seeds, note, kls):
+INTERPOLATED_NOTE = (
+    "The same units read as before calibration, to show what calibration and the new intervals change: each pair's "
+    "value interpolated linearly in m between the two grid multipliers around the KL (m >= 0), averaged over the "
+    "seeds, the paired interval over pairs alone (1.96 standard errors), and 'better' or 'worse' wherever that "
+    "interval excludes 0, with no correction for the number of comparisons:")
+
+
+def report_markdown(env, summary, paired, missing, seeds, note, kls, interpolated=()):
     lines = [f"# The sweep: five methods, seeds {seeds}" + (" (the toy: a smoke test)" if env.tiny else ""), "",
              note, "", "## Overview", ""] + overview(summary, paired, kls)
+    if interpolated:
+        lines += ["## Interpolated from the grid, as before calibration", "", INTERPOLATED_NOTE, "",
+                  verdict_table(interpolated, kls), ""]
     for behavior in dict.fromkeys(r["behavior"] for r in summary):
         rows = [r for r in summary if r["behavior"] == behavior]
-        mcq = key("mcq_accuracy", 1.0) in rows[0]
+        shown = SUMMARY + [(m, x) for m, x in SUMMARY_MCQ + SUMMARY_ANY_ORDER if key(m, x) in rows[0]]
         columns = [("method", "method"), ("seeds", "seeds"), ("n", "n"), ("lam", "lam")]
-        columns += [(key(m, x), f"{LABELS[m][0]} m={x:+g}") for m, x in SUMMARY + SUMMARY_MCQ * mcq]
+        columns += [(key(m, x), f"{LABELS[m][0]} m={x:+g}") for m, x in shown]
         cells = [{k: r[k] for k in ("method", "seeds", "n", "lam")}
-                 | {key(m, x): pm(r[key(m, x)], LABELS[m][1]) for m, x in SUMMARY + SUMMARY_MCQ * mcq} for r in rows]
+                 | {key(m, x): pm(r[key(m, x)], LABELS[m][1]) for m, x in shown} for r in rows]
         lines += [f"## {behavior}", "", common.markdown_table(cells, columns), ""]
+        if rows[0]["position_share_unsteered"]:                    # what the accuracy over every order averages out
+            lines += ["MCQ acc: the options in their written order; MCQ any order: each item scored over every cyclic "
+                      "order of its options (free of position bias; one that always picks one position scores "
+                      "chance). The unsteered model picks, by position: " + ", ".join(
+                          f"{chr(65 + j)} {x:.2f}" for j, x in enumerate(rows[0]["position_share_unsteered"])) + ".",
+                      ""]
         mine = [r for r in paired if r["behavior"] == behavior]
         if mine:
             lines += ["YaPO minus each baseline at equal drift, on the same held-out pairs:", "",
@@ -557,14 +535,16 @@ def report(env, behaviors, seeds, kls):
         else:
             missing.append(str(path.relative_to(env.folder)))
     sae_sha256 = one_sae(found.values(), env.folder)
-    summary, paired = [], []
+    summary, paired, interpolated = [], [], []
     for behavior in behaviors:
         runs = {m: [e for (b, mm, _), e in found.items() if (b, mm) == (behavior, m)] for m in METHODS}
         runs = {m: entries for m, entries in runs.items() if entries}
         summary += [summary_row(behavior, m, entries) for m, entries in runs.items()]
         if "YaPO" in runs and all(calibrated(e) for entries in runs.values() for e in entries):
             measured = [kl for kl in kls if str(kl) in runs["YaPO"][0]["at_kl"]]    # the drifts calibrated for
-            paired += calibrated_paired_rows(behavior, runs, measured, Clusters(pairs(env, behavior)[1]))
+            clusters = compare_methods.Clusters(pairs(env, behavior)[1])
+            paired += calibrated_paired_rows(behavior, runs, measured, clusters)
+            interpolated += paired_rows(behavior, runs, kls)                 # the same units, read the old way
         elif "YaPO" in runs:
             paired += paired_rows(behavior, runs, kls)
     family = holm_verdicts(paired) if any("p" in r for r in paired) else None
@@ -581,18 +561,19 @@ def report(env, behaviors, seeds, kls):
                 f"none, CAA and SAS have no randomness: one run each, for every seed. Equal drift: each run evaluated "
                 f"at the multiplier (m > 0) whose measured drift KL is within 5 % of the KL (yapo.multiplier_for_drift;"
                 f" not reached past m = {M_MAX:g}). YaPO minus a baseline: the mean over the pairs reached, with a 95 "
-                f"% interval that counts question groups and seeds (paired_interval: a cluster-robust variance over "
-                f"the groups of pairs, both forms of a culture question together, plus the variance of each method's "
-                f"run means over its runs; Student's t, Welch-Satterthwaite degrees of freedom), and a verdict after "
-                f"Holm's correction across the {family} comparisons of this report (family-wise level 0.05). "
-                f"{len(found)} units read, {len(missing)} missing.")
+                f"% interval that counts question groups and seeds (common.paired_interval: a cluster-robust variance "
+                f"over the groups of pairs, both forms of a culture question together, plus the variance of each "
+                f"method's run means over its runs; Student's t, Welch-Satterthwaite degrees of freedom), and a "
+                f"verdict after Holm's correction across the {family} comparisons of this report (family-wise level "
+                f"0.05). {len(found)} units read, {len(missing)} missing.")
     results = {"benchmark": "sweep", "tiny": env.tiny, "setup": setup, "sae_sha256": sae_sha256, "seeds": seeds,
                "multipliers": MULTIPLIERS,
                "kls": kls, "units": len(found), "missing": missing, "summary": summary, "paired": paired,
-               "note": note} | ({"comparisons": family, "correction": "Holm"} if family is not None else {})
+               "note": note} | ({"comparisons": family, "correction": "Holm", "interpolated": interpolated}
+                                if family is not None else {})
     out = env.folder.with_suffix(".json")
     common.write_json(out, results)
-    out.with_suffix(".md").write_text(report_markdown(env, summary, paired, missing, seeds, note, kls))
+    out.with_suffix(".md").write_text(report_markdown(env, summary, paired, missing, seeds, note, kls, interpolated))
     print(f"wrote {out.with_suffix('.md')}" + (f"; {len(missing)} units missing" if missing else ""))
     return results
 

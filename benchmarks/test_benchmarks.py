@@ -66,6 +66,7 @@ def close(a, b, tol=1e-6):
 def test_compare_methods_quick(tmp_path, capsys):
     # culture_egypt: its MCQ rows with both forms exercise the MCQ accuracy, RCA and PNLG columns too;
     # --kl 0.002: some method crosses it in the sweep
+    import torch
     data = quick_main(tmp_path, "compare_methods", "--behavior", "culture_egypt", "--kl", "0.002", "--device", "cpu")
     stdout = capsys.readouterr().out
     has(data, ["benchmark", "quick", "tiny", "mechanics_only", "setup", "behavior", "seed", "kl_threshold", "shapes",
@@ -91,22 +92,21 @@ def test_compare_methods_quick(tmp_path, capsys):
         unsteered = unsteered or by_m[0.0]
         assert close(by_m[0.0]["behavior_score"], unsteered["behavior_score"])   # m = 0: no steering at all
         assert abs(by_m[0.0]["drift_kl"]) < 1e-9
-        positive = sorted((r for r in m["rows"] if r["multiplier"] >= 0), key=lambda r: r["multiplier"])
         hit = m["at_kl"]
         if hit is None:
             assert row["m_at_kl"] == row["score_at_kl"] == row["margin_at_kl"] == "not reached"
-            assert all(r["drift_kl"] <= kl for r in positive)
-        else:                                    # the first bracket of the sweep around the threshold, interpolated
-            i = next(i for i, r in enumerate(positive) if r["drift_kl"] > kl)
-            lo, hi = positive[i - 1], positive[i]
-            assert hit["between"] == [lo["multiplier"], hi["multiplier"]]
-            assert lo["multiplier"] <= hit["multiplier"] <= hi["multiplier"] and row["m_at_kl"] == hit["multiplier"]
-            t = (kl - lo["drift_kl"]) / (hi["drift_kl"] - lo["drift_kl"])
-            assert close(hit["multiplier"], lo["multiplier"] + t * (hi["multiplier"] - lo["multiplier"]))
-            score = lo["behavior_score"] + t * (hi["behavior_score"] - lo["behavior_score"])
-            assert close(hit["behavior_score"], score) and row["score_at_kl"] == hit["behavior_score"]
-            assert close(hit["margin"], lo["margin"] + t * (hi["margin"] - lo["margin"]))
-    assert any(m["at_kl"] for m in data["methods"].values()), "no method crossed --kl: the check above is empty"
+        else:                 # evaluated again at a multiplier whose measured drift is within 5 % of the threshold
+            assert hit["multiplier"] > 0 and abs(hit["drift_kl"] / kl - 1) <= 0.05
+            assert row["m_at_kl"] == hit["multiplier"]
+            margins = torch.tensor(hit["per_pair"]["margin"], dtype=torch.float64)
+            assert close(row["score_at_kl"], torch.sigmoid(margins).mean().item(), 1e-5)
+            assert close(row["margin_at_kl"], margins.mean().item(), 1e-5)
+    assert any(m["at_kl"] for m in data["methods"].values()), "no method reached --kl: the check above is empty"
+    # YaPO minus each method at equal drift: the mean of per-pair differences between the two calibrated rows
+    for r in (r for r in data["paired"] if r["at"] == f"KL {kl:g}" and r["metric"] == "margin" and r["n"]):
+        other = data["methods"][r["comparison"].removeprefix("YaPO - ")]["at_kl"]["per_pair"]["margin"]
+        mine = data["methods"]["YaPO"]["at_kl"]["per_pair"]["margin"]
+        assert close(r["difference"], statistics.fmean(a - b for a, b in zip(mine, other)))
     none = data["methods"]["none"]
     assert none["l0"] == 0 and none["at_kl"] is None
     assert len({(r["behavior_score"], r["margin"], r["accuracy"], r["mcq"]["accuracy"]) for r in none["rows"]}) == 1
@@ -338,7 +338,7 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert row["n"] == len(d) == 4 and row["runs_reaching"] == "2/2 vs 2/2"
     assert close(row["difference"], mean) and close(row["ci95"], half)
     tested = [r for r in data["paired"] if r["p"] is not None]   # Holm's verdicts, across every comparison
-    rejects = importlib.import_module("sweep").holm([r["p"] for r in tested])
+    rejects = importlib.import_module("common").holm([r["p"] for r in tested])
     assert [r["verdict"].split(" at ")[0] for r in tested] == [
         ("better" if r["difference"] > 0 else "worse") if x else "cannot tell" for r, x in zip(tested, rejects)]
 
@@ -409,7 +409,7 @@ def test_the_paired_interval_covers_the_true_difference_and_counts_question_grou
     """Synthetic held-out sets whose answer is known: 20 questions in two forms whose effects are shared (r near
     0.9), three seeds with a seed effect. Over 300 draws the 95 % interval holds the true difference about 95 % of
     the time, and it is much wider than the interval that takes the 40 pairs as independent and the seeds as one."""
-    import sweep
+    import common
     import torch
     g = torch.Generator().manual_seed(0)
     truth, clusters, hits, widths, pair_only = 0.3, [i // 2 for i in range(40)], 0, [], []
@@ -417,7 +417,7 @@ def test_the_paired_interval_covers_the_true_difference_and_counts_question_grou
         question = (0.3 * torch.randn(20, generator=g, dtype=torch.float64)).repeat_interleave(2)
         seeds = 0.1 * torch.randn(3, 1, generator=g, dtype=torch.float64)
         a = truth + question + seeds + 0.1 * torch.randn(3, 40, generator=g, dtype=torch.float64)
-        r = sweep.paired_interval(a, torch.zeros(1, 40, dtype=torch.float64), clusters)
+        r = common.paired_interval(a, torch.zeros(1, 40, dtype=torch.float64), clusters)
         hits += abs(r["difference"] - truth) <= r["ci95"]
         widths.append(r["ci95"])
         pair_only.append(1.96 * a.mean(0).std().item() / 40 ** 0.5)
@@ -426,10 +426,10 @@ def test_the_paired_interval_covers_the_true_difference_and_counts_question_grou
 
 
 def test_holm_rejects_in_order_of_p_while_p_stays_under_alpha_over_the_tests_left():
-    import sweep
+    import common
     # sorted: 0.005 <= 0.05/4 and 0.01 <= 0.05/3 reject; 0.03 > 0.05/2 stops, so 0.04 stands too
-    assert sweep.holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
-    assert sweep.holm([0.03, 0.03]) == [False, False] and sweep.holm([0.02, 0.024]) == [True, True]
+    assert common.holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    assert common.holm([0.03, 0.03]) == [False, False] and common.holm([0.02, 0.024]) == [True, True]
 
 
 def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch):
