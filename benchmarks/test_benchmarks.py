@@ -448,6 +448,24 @@ def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeyp
     assert len(tables) == 2 and all(t in readme for t in tables)
 
 
+def test_readme_knowledge_table_is_the_committed_check_at_the_units_calibrated_multipliers():
+    """benchmarks/README's general-knowledge table is results/knowledge_check.json, and its equal-drift columns
+    were run at the multipliers the sweep units (beside the vectors) measured for those drifts."""
+    runs = json.loads((ROOT / "benchmarks" / "results" / "knowledge_check.json").read_text())["runs"]
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    for vector in ("YaPO", "BiPO"):
+        keys = [f"{vector} m={m}" for m in (-1, 0, 1)] + [f"{vector} KL {kl} {side}" for kl in (0.05, 0.2)
+                                                           for side in ("minus", "plus")]
+        assert "| " + " | ".join([vector] + [f"{runs[k]['acc']:.3f} ± {runs[k]['acc_stderr']:.3f}" for k in keys]) \
+            + " |" in readme
+        unit = json.loads((ROOT / runs[keys[-1]]["path"]).with_suffix(".json").read_text())
+        assert unit["method"] == vector and unit["seed"] == 0 and unit["behavior"] == "power_seeking"
+        for k in keys[3:]:
+            kl, side = k.split()[2:]
+            assert runs[k]["multiplier"] == unit["at_kl"][kl][side]["multiplier"]
+            assert abs(runs[k]["drift_kl"] / float(kl) - 1) <= 0.05
+
+
 def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch):
     """sweep/convergence.md, which the README's convergence paragraph quotes, is what `sweep.py convergence` writes
     from the committed runs (all 18 there: it trains nothing and loads no model)."""
