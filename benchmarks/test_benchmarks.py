@@ -434,18 +434,37 @@ def test_holm_rejects_in_order_of_p_while_p_stays_under_alpha_over_the_tests_lef
 
 def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch):
     """The two tables of benchmarks/README's "Results on a pretrained model" are what `sweep.py report` writes from the
-    committed units, and the committed report is that output: no figure there is typed by hand."""
+    committed units, and the committed report is that output: no figure there is typed by hand. The units were
+    measured with the committed SAE, and the report's MCQ accuracy over every option order is the units' own."""
     monkeypatch.chdir(ROOT)
+    committed = ROOT / "benchmarks" / "results" / "local"
     folder = tmp_path / "sweep"
-    shutil.copytree(ROOT / "benchmarks" / "results" / "local" / "sweep_sae_23a3c121", folder)
+    shutil.copytree(committed / "sweep", folder, ignore=shutil.ignore_patterns("convergence*"))
     importlib.import_module("sweep").main(["report", "--results", str(folder)])
     written = (tmp_path / "sweep.md").read_text()
-    assert written == (ROOT / "benchmarks" / "results" / "local" / "sweep_sae_23a3c121.md").read_text()
-    assert json.loads((tmp_path / "sweep.json").read_text())["missing"] == []
+    assert written == (committed / "sweep.md").read_text()
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["missing"] == [] and data["units"] == 72
+    import local_gemma3
+    import torch
+    import yapo
+    sae = yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"), torch.float32)
+    assert data["sae_sha256"] == local_gemma3.sae_fingerprint(sae)
     overview = written.split("## Overview\n")[1].split("\n## ")[0]
     tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     assert len(tables) == 2 and all(t in readme for t in tables)
+
+    # MCQ over every order: each item's share of its cyclic orders answered right, averaged over the seeds, then
+    # over the items; and the unsteered model's picks by position, from the none unit at m = 0
+    (row,) = [r for r in data["summary"] if (r["behavior"], r["method"]) == ("culture_egypt", "YaPO")]
+    units = [json.loads(p.read_text()) for p in sorted((folder / "culture_egypt").glob("YaPO_seed*.json"))]
+    at_1 = [next(r for r in u["rows"] if r["multiplier"] == 1.0)["mcq_every_order"]["correct"] for u in units]
+    assert len(units) == 3 and close(row["mcq_every_order_at_+1"]["mean"], statistics.fmean(map(statistics.fmean,
+                                                                                                  zip(*at_1))))
+    none = json.loads((folder / "culture_egypt" / "none.json").read_text())
+    picks = next(r for r in none["rows"] if r["multiplier"] == 0)["mcq_every_order"]["position_share"]
+    assert row["position_share_unsteered"] == picks and close(sum(picks), 1.0)
 
 
 def test_readme_knowledge_table_is_the_committed_check_at_the_units_calibrated_multipliers():
