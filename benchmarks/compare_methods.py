@@ -20,6 +20,7 @@ those rows. (Before calibration, the m was interpolated on the grid: at_kl, kept
     python benchmarks/compare_methods.py --quick              # smoke test: 1 epoch on 8 pairs, 4 scored
     python benchmarks/compare_methods.py --preset paper-2b    # the real run (GPU, hub access)
     python benchmarks/compare_methods.py --model M --sae S --sae-id ID --layer L [any yapo.py flag]
+    python benchmarks/compare_methods.py --pool A.json B.json C.json   # one behaviour's seeds, read together
 
 Flags this script does not know are passed to yapo.py's parser (e.g. --lam, --epochs, --sas-tau, --format,
 --country); --preset and --tiny change defaults there exactly as they do for yapo.py. The multipliers are
@@ -27,9 +28,14 @@ this script's (-1 and the sweep 0, 0.5, 1, 2, 4, 8). --lam applies to BiPO and Y
 CAA and SAS always use lam 1, as yapo.py --method caa|sas does, since their vectors are mean differences already
 in the units of h (or of the latents). On the tiny setup SAS tries --sas-tau 0.1, 0.05, 0.02 in turn unless
 --sas-tau is given. Writes the JSON (--out) and the tables as markdown next to it (<stem>.md).
+
+--pool reads the JSONs of several seeds of one behaviour (the same held-out pairs; it checks) and writes YaPO minus
+each other method at equal drift with an interval over question groups and seeds (common.paired_interval) and
+Holm's verdicts across those comparisons, to <first stem>_pooled.json and .md; it builds and evaluates nothing.
 """
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -198,6 +204,37 @@ def passed_through(own):
         if f.name not in own)
 
 
+def pool(paths, kls):
+    """YaPO minus every other method at each equal drift, over the seeds of several runs of this script on one
+    behaviour: per pair, each method's value averaged over its runs that reach the drift; common.paired_interval
+    over question groups and seeds; Holm's correction across the comparisons reached."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({json.dumps(r["methods"]["none"]["rows"][0]["per_pair"]["margin"]) for r in runs}) != 1:
+        raise SystemExit(f"--pool: {', '.join(map(str, paths))} do not score the same held-out pairs")
+    args = yapo.Args(**runs[0]["args"] | ({"data": str(common.DATA)} if runs[0]["args"]["data"] == common.DATA.name
+                                          else {}))
+    clusters = Clusters(yapo.load_pairs(args)[1][:runs[0]["shapes"]["max_test_pairs"]])
+    metrics = ["behavior_score", "accuracy", "margin"]
+    out = []
+    for other in (m for m in METHODS if m != "YaPO"):
+        for kl in kls:
+            for metric in metrics:
+                got = {m: [per_pair_at(r["methods"][m], metric, ("kl", kl)) for r in runs] for m in ("YaPO", other)}
+                got = {m: [x for x in xs if x is not None] for m, xs in got.items()}
+                row = {"comparison": f"YaPO - {other}", "at": f"KL {kl:g}", "metric": metric,
+                       "runs_reaching": f"{len(got['YaPO'])}/{len(runs)} vs {len(got[other])}/{len(runs)}"}
+                if not got["YaPO"] or not got[other]:
+                    out.append(row | {"difference": "not reached", "ci95": None, "p": None, "n": None})
+                    continue
+                r = common.paired_interval(torch.stack(got["YaPO"]), torch.stack(got[other]), clusters)
+                out.append(row | {k: r[k] for k in ("difference", "ci95", "p")} | {"n": len(clusters)})
+    tested = [r for r in out if r["n"]]
+    for r, reject in zip(tested, common.holm([r["p"] for r in tested])):
+        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
+    return {"benchmark": "compare_methods_pooled", "runs": [str(p) for p in paths], "behavior": runs[0]["behavior"],
+            "seeds": [r["seed"] for r in runs], "comparisons": len(tested), "correction": "Holm", "paired": out}
+
+
 def main(argv=None):
     own = {"behavior", "seed", "data", "preset", "model", "sae", "sae_id", "layer",           # flags of this script
            "method", "multipliers", "n_generations", "max_new_tokens", "top_k", "eval_only", "vector",   # set by it
@@ -213,7 +250,24 @@ def main(argv=None):
     p.add_argument("--sae", default=None, help="sae-lens release or folder")
     p.add_argument("--sae-id", default=None, help="SAE id inside the release")
     p.add_argument("--layer", type=int, default=None, help="the layer the SAE reads and the hook steers")
+    p.add_argument("--pool", nargs="+", default=None, help="JSONs of this script, several seeds: read together")
     opts, rest = p.parse_known_args(argv)
+    if opts.pool:
+        results = pool(opts.pool, opts.kl)
+        out = Path(opts.pool[0]).with_name(Path(opts.pool[0]).stem + "_pooled.json")
+        columns = [("comparison", "comparison"), ("at", "at"), ("metric", "metric"), ("difference", "difference"),
+                   ("ci95", "+- (95 %)"), ("n", "n"), ("runs_reaching", "runs reaching it"), ("verdict", "verdict")]
+        note = (f"YaPO minus each method at equal drift over seeds {results['seeds']} of {results['behavior']} (the "
+                f"same held-out pairs): per pair, each method's value averaged over its runs; a 95 % interval over "
+                f"question groups and seeds (common.paired_interval), verdicts after Holm's correction across the "
+                f"{results['comparisons']} comparisons reached.")
+        common.print_table(results["paired"], columns)
+        common.write_json(out, results | {"note": note})
+        out.with_suffix(".md").write_text("\n".join([f"# Steering methods compared, seeds pooled: "
+                                                     f"{results['behavior']}", "", note, "",
+                                                     common.markdown_table(results["paired"], columns), ""]))
+        print(f"wrote {out.with_suffix('.md')}")
+        return results
     if min(opts.kl) <= 0:
         p.error("--kl must be positive: the drift KL at m = 0 is 0")
     shapes = QUICK if opts.quick else FULL

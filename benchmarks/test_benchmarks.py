@@ -121,6 +121,45 @@ def test_compare_methods_quick(tmp_path, capsys):
     assert "RCA m=+1" in markdown and "MECHANICS ONLY" in stdout
 
 
+def test_compare_methods_pool_reads_the_seeds_together_with_groups_and_seeds_in_the_interval(tmp_path, capsys):
+    """--pool on the three committed toy runs writes the committed pooled table, and its YaPO minus BiPO score at KL
+    0.2 is the mean of seed-averaged per-pair differences, its interval the cluster-robust variance over the toy's
+    question groups plus each method's run-to-run variance, Student's t at the Welch-Satterthwaite df."""
+    import compare_methods
+    import torch
+    import yapo
+    from scipy import stats
+    names = ["compare_methods.json", "compare_methods_seed1.json", "compare_methods_seed2.json"]
+    for name in names:
+        shutil.copy(ROOT / "benchmarks" / "results" / name, tmp_path / name)
+    data = compare_methods.main(["--pool", *(str(tmp_path / n) for n in names)])
+    committed = json.loads((ROOT / "benchmarks" / "results" / "compare_methods_pooled.json").read_text())
+    assert [r["difference"] for r in data["paired"]] == [r["difference"] for r in committed["paired"]]
+    assert [r.get("verdict") for r in data["paired"]] == [r.get("verdict") for r in committed["paired"]]
+
+    runs = [json.loads((tmp_path / n).read_text())["methods"] for n in names]
+    score = lambda m: [torch.sigmoid(torch.tensor(r[m]["calibrated"]["0.2"]["plus"]["per_pair"]["margin"],
+                                                  dtype=torch.float64)).tolist() for r in runs]
+    a, b = score("YaPO"), score("BiPO")
+    d = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(zip(*a), zip(*b))]
+    groups = [p["group"] or p["where"] for p in yapo.load_pairs(yapo.parse_args(["--tiny"]))[1]]
+    mean, C = statistics.fmean(d), len(set(groups))
+    sums = {g: sum(x for x, h in zip(d, groups) if h == g) for g in groups}
+    parts = [(C / (C - 1) * sum((sums[g] - mean * groups.count(g)) ** 2 for g in sums) / len(d) ** 2, C - 1)]
+    parts += [(statistics.variance([statistics.fmean(r) for r in xs]) / 3, 2) for xs in (a, b)]
+    var = sum(v for v, _ in parts)
+    half = stats.t.ppf(0.975, var ** 2 / sum(v ** 2 / k for v, k in parts)) * var ** 0.5
+    (row,) = [r for r in data["paired"] if (r["comparison"], r["at"], r["metric"]) == ("YaPO - BiPO", "KL 0.2",
+                                                                                       "behavior_score")]
+    assert row["n"] == len(d) == 36 and close(row["difference"], mean) and close(row["ci95"], half)
+
+    other = json.loads((tmp_path / names[1]).read_text())                 # another held-out set: refused
+    other["methods"]["none"]["rows"][0]["per_pair"]["margin"][0] += 1.0
+    (tmp_path / names[1]).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="same held-out pairs"):
+        compare_methods.main(["--pool", *(str(tmp_path / n) for n in names)])
+
+
 def test_compare_methods_help_lists_the_yapo_flags_it_passes_through(capsys):
     import compare_methods
     with pytest.raises(SystemExit):
