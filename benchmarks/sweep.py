@@ -21,7 +21,8 @@ vector (<unit>.safetensors), so that a new evaluation reads it instead of traini
 held-out pairs evaluated at the multiplier of each sign whose measured drift KL is within 5 % of 0.05 and of 0.2
 (compare_methods.calibrated_rows: a search on the drift alone; null where |m| up to M_MAX = 16 does not reach
 it). A call starts a unit only while --minutes have not passed and, once it has made a unit of that method, only if
-one more such unit would end within them.
+one more such unit would end within them. Two calls on one folder share the work (one per core, --threads 1 each):
+a unit that another live call is making is left to it (a marker file, .<unit>.running, names that process).
 
 Every unit records the sha256 of the SAE it used (local_gemma3.sae_fingerprint), and run, convergence and report
 refuse a folder whose units come from two SAEs: the local SAE is trained here, and before its build was pinned to
@@ -237,21 +238,59 @@ def write_atomically(path, data):
     os.replace(tmp, path)
 
 
+def claim(path):
+    """The marker that lets this process make the unit at `path`, or None if another live process holds it: two
+    calls on one folder (one per core) then never make the same unit. A marker whose process has ended is taken."""
+    marker = path.with_name(f".{path.name}.running")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)         # atomic: one process wins
+        except FileExistsError:
+            try:
+                os.kill(int(marker.read_text()), 0)                            # raises if it has ended
+            except ProcessLookupError:
+                marker.unlink(missing_ok=True)                                 # left by a stopped call
+                continue
+            except (ValueError, FileNotFoundError, PermissionError):
+                pass                                                           # being written, or just done
+            return None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return marker
+    return None
+
+
 def unit(path, make, budget, kind, tally):
-    """A unit's JSON: read back if it exists, else made and written (if the budget allows); None if not started."""
+    """A unit's JSON: read back if it exists, else made and written (if the budget allows and no other call is making
+    it); None if not started."""
     if path.exists():
         tally["skipped"] += 1
         return json.loads(path.read_text())
     if not budget.allows(kind):
         tally["not started"] += 1
         return None
-    t0 = time.perf_counter()
-    data = make()
-    budget.record(kind, time.perf_counter() - t0)
-    write_atomically(path, data)
+    marker = claim(path)
+    if marker is None or path.exists():                        # another call makes it, or has just made it
+        tally["made by another call"] += 1
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        return json.loads(path.read_text()) if path.exists() else None
+    try:
+        t0 = time.perf_counter()
+        data = make()
+        budget.record(kind, time.perf_counter() - t0)
+        write_atomically(path, data)
+    finally:
+        marker.unlink(missing_ok=True)
     tally["ran"] += 1
     print(f"  -> {path}", flush=True)
     return data
+
+
+def busy(tally):
+    n = tally["made by another call"]
+    return f", {n} being made by another call (run again once it ends)" if n else ""
 
 
 def plan(behaviors, methods, seeds):
@@ -329,7 +368,7 @@ def run(env, behaviors, methods, seeds, minutes):
         unit(path,
              lambda: sweep_unit(env, loaded, behavior, method, seed, path), budget, method, tally)
     print(f"ran {tally['ran']} units, skipped {tally['skipped']} that exist, {tally['not started']} not started "
-          f"(--minutes {minutes:g}) in {env.folder}")
+          f"(--minutes {minutes:g})" + busy(tally) + f" in {env.folder}")
     return tally
 
 
@@ -662,7 +701,7 @@ def convergence(env, seeds, minutes):
         for method in chosen:
             one("best_lr", method, seed, conf["lam"], chosen[method])
     print(f"ran {tally['ran']} units, skipped {tally['skipped']} that exist, {tally['not started']} not started "
-          f"(--minutes {minutes:g}) in {folder}")
+          f"(--minutes {minutes:g})" + busy(tally) + f" in {folder}")
     return convergence_summary(env, runs, chosen, seeds, len(fit), len(val), one_sae(runs, folder))
 
 

@@ -394,6 +394,26 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert not units[-1].exists()
 
 
+def test_a_sweep_unit_another_live_call_is_making_is_left_to_it_and_a_stale_marker_is_taken_over(tmp_path):
+    """Two sweep.py calls on one folder: a unit whose marker names a live process is not made again; a marker left
+    by a process that has ended is taken over, and removed once the unit is written."""
+    import collections
+    sweep = importlib.import_module("sweep")
+    path, made = tmp_path / "b" / "YaPO_seed0.json", []
+    make = lambda: made.append(1) or {"unit": 1}
+    marker = path.parent / ".YaPO_seed0.json.running"
+    path.parent.mkdir()
+    marker.write_text(str(os.getppid()))                                   # a live process holds it
+    tally = collections.Counter()
+    assert sweep.unit(path, make, sweep.Budget(60), "x", tally) is None
+    assert made == [] and tally["made by another call"] == 1 and not path.exists()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    marker.write_text(str(ended.pid))                                      # its process has ended
+    assert sweep.unit(path, make, sweep.Budget(60), "x", tally) == {"unit": 1}
+    assert made == [1] and json.loads(path.read_text()) == {"unit": 1} and not marker.exists()
+
+
 def test_sweep_convergence_tiny_resumes_and_summarises(tmp_path, capsys, monkeypatch):
     """`sweep.py convergence` on the toy: a second call on the same folder accepts its summary (it names the units'
     SAE), reads every unit back and rewrites none; validation picks, per method, the lr with the largest margin gain
