@@ -63,6 +63,22 @@ def close(a, b, tol=1e-6):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
+def two_level_interval(a, b, groups):
+    """The paired interval written out by hand, to check common.paired_interval: a and b are [runs][pairs] values.
+    Per pair the seed-averaged difference; the cluster-robust variance of its mean over the groups, plus each
+    method's run-to-run variance over its runs; Student's t at the Welch-Satterthwaite degrees of freedom.
+    Returns (per-pair differences, mean, half-width)."""
+    from scipy import stats
+    d = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(zip(*a), zip(*b))]
+    mean, C = statistics.fmean(d), len(set(groups))
+    sums = {g: sum(x for x, h in zip(d, groups) if h == g) for g in groups}
+    parts = [(C / (C - 1) * sum((sums[g] - mean * groups.count(g)) ** 2 for g in sums) / len(d) ** 2, C - 1)]
+    parts += [(statistics.variance([statistics.fmean(r) for r in runs]) / len(runs), len(runs) - 1)
+              for runs in (a, b)]
+    var = sum(v for v, _ in parts)
+    return d, mean, stats.t.ppf(0.975, var ** 2 / sum(v ** 2 / k for v, k in parts)) * var ** 0.5
+
+
 def test_compare_methods_quick(tmp_path, capsys):
     # culture_egypt: its MCQ rows with both forms exercise the MCQ accuracy, RCA and PNLG columns too;
     # --kl 0.002: some method crosses it in the sweep
@@ -128,7 +144,6 @@ def test_compare_methods_pool_reads_the_seeds_together_with_groups_and_seeds_in_
     import compare_methods
     import torch
     import yapo
-    from scipy import stats
     names = ["compare_methods.json", "compare_methods_seed1.json", "compare_methods_seed2.json"]
     for name in names:
         shutil.copy(ROOT / "benchmarks" / "results" / name, tmp_path / name)
@@ -141,14 +156,8 @@ def test_compare_methods_pool_reads_the_seeds_together_with_groups_and_seeds_in_
     score = lambda m: [torch.sigmoid(torch.tensor(r[m]["calibrated"]["0.2"]["plus"]["per_pair"]["margin"],
                                                   dtype=torch.float64)).tolist() for r in runs]
     a, b = score("YaPO"), score("BiPO")
-    d = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(zip(*a), zip(*b))]
     groups = [p["group"] or p["where"] for p in yapo.load_pairs(yapo.parse_args(["--tiny"]))[1]]
-    mean, C = statistics.fmean(d), len(set(groups))
-    sums = {g: sum(x for x, h in zip(d, groups) if h == g) for g in groups}
-    parts = [(C / (C - 1) * sum((sums[g] - mean * groups.count(g)) ** 2 for g in sums) / len(d) ** 2, C - 1)]
-    parts += [(statistics.variance([statistics.fmean(r) for r in xs]) / 3, 2) for xs in (a, b)]
-    var = sum(v for v, _ in parts)
-    half = stats.t.ppf(0.975, var ** 2 / sum(v ** 2 / k for v, k in parts)) * var ** 0.5
+    d, mean, half = two_level_interval(a, b, groups)
     (row,) = [r for r in data["paired"] if (r["comparison"], r["at"], r["metric"]) == ("YaPO - BiPO", "KL 0.2",
                                                                                        "behavior_score")]
     assert row["n"] == len(d) == 36 and close(row["difference"], mean) and close(row["ci95"], half)
@@ -359,19 +368,12 @@ def test_sweep_tiny_resumes_and_reports(tmp_path, capsys, monkeypatch):
     # YaPO minus BiPO on the margin at KL 0.05, from the rows at each run's calibrated multiplier: the seed-averaged
     # difference per pair; its variance the cluster-robust one over the items' groups plus each method's run-to-run
     # variance over its runs; Student's t at the Welch-Satterthwaite degrees of freedom
-    from scipy import stats
     margins = lambda m: [json.loads((folder / "toy_sentiment" / f"{m}_seed{s}.json").read_text())["at_kl"]["0.05"][
         "plus"]["per_pair"]["margin"] for s in (0, 1)]
     a, b = margins("YaPO"), margins("BiPO")
-    d = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(zip(*a), zip(*b))]
     import yapo
     groups = [p["group"] for p in yapo.load_pairs(yapo.parse_args(["--tiny"]))[1][:4]]
-    mean, C = statistics.fmean(d), len(set(groups))
-    sums = {g: sum(x for x, h in zip(d, groups) if h == g) for g in groups}
-    parts = [(C / (C - 1) * sum((sums[g] - mean * groups.count(g)) ** 2 for g in sums) / len(d) ** 2, C - 1)]
-    parts += [(statistics.variance([statistics.fmean(r) for r in runs]) / 2, 1) for runs in (a, b)]
-    var = sum(v for v, _ in parts)
-    half = stats.t.ppf(0.975, var ** 2 / sum(v ** 2 / k for v, k in parts)) * var ** 0.5
+    d, mean, half = two_level_interval(a, b, groups)
     (row,) = [r for r in data["paired"] if r["comparison"] == "YaPO - BiPO" and r["metric"] == "margin"
               and r["at"] == "KL 0.05"]
     assert row["n"] == len(d) == 4 and row["runs_reaching"] == "2/2 vs 2/2"
