@@ -86,7 +86,8 @@ none 0.4 minutes, SAS 4.7 (0.2 to build, 2.1 to evaluate the grid, 2.5 to calibr
 5.5-5.8 (1.1-1.3 to build, 2.1 to evaluate, 2.3-2.5 to calibrate); with the cores shared, 1.5 to 2 times that (the
 first power_seeking units). Each MCQ item is now asked in every order of its options. Plan on about 6 minutes a
 trained unit and 6 to 7 hours for the 72 units on idle cores. With --threads 1 while other torch work ran on the
-second core: 15 to 20 minutes a unit (hallucination BiPO and YaPO, jailbreak CAA).
+second core: 15 to 20 minutes a unit (hallucination BiPO and YaPO, jailbreak CAA). Convergence, in two calls of
+--threads 1 side by side: 6.3 to 8.5 minutes to train a 120-step run, 4.6 to 5 a 90-step validation run.
 MEASURED with the SAE 23a3c121 before calibration (results/local/sweep_sae_23a3c121/, 2 AMD EPYC cores, idle; each
 unit's seconds are in its JSON): BiPO and YaPO on an open behaviour 1.5-3.7 minutes to build (48 steps; sentiment 60) and 2.1-4.9 to
 evaluate, 4-6.5 in all; on a culture behaviour 1.5-2 and 2.6-3.5, 4-5 in all; CAA and SAS 0.2-0.3 to build and

@@ -548,14 +548,23 @@ def test_readme_knowledge_table_is_the_committed_check_at_the_units_calibrated_m
 
 def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch):
     """sweep/convergence.md, which the README's convergence paragraph quotes, is what `sweep.py convergence` writes
-    from the committed runs (all 18 there: it trains nothing and loads no model)."""
+    from the committed runs (all 18 there: it trains nothing and loads no model), and every run
+    was made with the committed SAE; the earlier SAE's summary is likewise what its own runs give."""
     monkeypatch.chdir(ROOT)
-    committed = ROOT / "benchmarks" / "results" / "local" / "sweep_sae_23a3c121"
-    folder = tmp_path / "sweep"
-    shutil.copytree(committed / "convergence", folder / "convergence")
-    importlib.import_module("sweep").main(["convergence", "--results", str(folder)])
-    assert "ran 0 units, skipped 18 that exist" in capsys.readouterr().out
-    assert (folder / "convergence.md").read_text() == (committed / "convergence.md").read_text()
+    sweep = importlib.import_module("sweep")
+    for name in ("sweep", "sweep_sae_23a3c121"):
+        committed = ROOT / "benchmarks" / "results" / "local" / name
+        folder = tmp_path / name
+        shutil.copytree(committed / "convergence", folder / "convergence")
+        sweep.main(["convergence", "--results", str(folder)])
+        assert "ran 0 units, skipped 18 that exist" in capsys.readouterr().out
+        assert (folder / "convergence.md").read_text() == (committed / "convergence.md").read_text()
+    import local_gemma3
+    import torch
+    import yapo
+    sae = yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"), torch.float32)
+    summary = json.loads((tmp_path / "sweep" / "convergence.json").read_text())
+    assert summary["sae_sha256"] == local_gemma3.sae_fingerprint(sae)
 
 
 if __name__ == "__main__":
