@@ -88,6 +88,25 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+PARTS = {"llama_vs_yapo": "llama.cpp vs yapo.py hook: cosine / rel. error / top token",
+         "llama_vs_file_in_yapo": "llama.cpp vs the file's dense form in yapo.py",
+         "file_vs_exact_in_yapo": "that dense form vs the exact hook"}
+
+
+def markdown(report):
+    """The lines benchmarks/README.md quotes: the unsteered gap, then one row per vector and multiplier."""
+    u = report["unsteered"]
+    cell = lambda row, part: (" / ".join([f"{row[f'{part} cosine']:.3f}", f"{row[f'{part} relative_error']:.3f}",
+                                          f"{row[f'{part} top_token_agrees']:.0%}"])
+                              if f"{part} cosine" in row else "-")
+    return "\n".join([f"unsteered: mean KL {u['mean_kl']:.4f}, relative difference "
+                      f"{u['mean_relative_difference']:.3f}, top token agrees {u['top_token_agreement']:.0%} "
+                      f"({report['prompts']} prompts)", "",
+                      "| vector, m | " + " | ".join(PARTS.values()) + " |", "| --- " * (len(PARTS) + 1) + "|"]
+                     + ["| " + " | ".join([row["run"]] + [cell(row, part) for part in PARTS]) + " |"
+                        for row in report["summary"]])
+
+
 def main(argv=None):
     p = common.parser(__file__, __doc__.strip().split("\n")[0])
     p.add_argument("--behavior", default=None, help="whose training pairs build the vectors (default: power_seeking)")
@@ -160,11 +179,12 @@ def main(argv=None):
     llm.close()                                                  # now, not at interpreter exit
 
     summary = [{"run": key} | {f"{part} {stat}": mean([float(x) for x in e[part][stat]])
-                               for part in ("llama_vs_yapo", "llama_vs_file_in_yapo", "file_vs_exact_in_yapo")
-                               if part in e for stat in ("cosine", "relative_error", "top_token_agrees")}
+                               for part in PARTS if part in e
+                               for stat in ("cosine", "relative_error", "top_token_agrees")}
                for key, e in results.items()]
     report = {"benchmark": "llama_cpp_roundtrip", "quick": opts.quick, "gguf": gguf_path.name,
               "model": str(local_gemma3.MODEL_DIR.relative_to(common.ROOT)), "layer": args.layer,
+              "sae_sha256": local_gemma3.sae_fingerprint(sae),
               "behavior": shapes["behavior"], "prompts": len(prompts), "shapes": shapes, "settings": settings,
               "unsteered": unsteered | {"mean_kl": mean(unsteered["kl_llama_from_yapo"]),
                                         "mean_relative_difference": mean(unsteered["relative_difference"]),
@@ -173,9 +193,7 @@ def main(argv=None):
               "note": "Shifts are over the full vocabulary of the next-token log-distribution after each held-out "
                       "prompt (chat template): the behaviour's, then other behaviours' held-out prompts. "
                       "llama.cpp runs the Q4_K_M weights; yapo.py their float32 dequantisation."}
-    print(f"\nunsteered: mean KL(yapo || llama) {report['unsteered']['mean_kl']:.4f}, top token agrees on "
-          f"{report['unsteered']['top_token_agreement']:.0%} of {len(prompts)} prompts")
-    common.print_table(summary, [(k, k) for k in max(summary, key=len)])
+    print("\n" + markdown(report))
     common.write_json(opts.out, report)
     return report
 

@@ -546,6 +546,29 @@ def test_readme_knowledge_table_is_the_committed_check_at_the_units_calibrated_m
             assert abs(runs[k]["drift_kl"] / float(kl) - 1) <= 0.05
 
 
+def test_readme_llama_cpp_table_is_the_committed_round_trip():
+    """benchmarks/README's llama.cpp table is what llama_cpp_roundtrip.py writes from results/llama_cpp_roundtrip.json,
+    each row the mean of its per-prompt figures, measured with the committed SAE (llama.cpp is not needed here)."""
+    import llama_cpp_roundtrip
+    import local_gemma3
+    import torch
+    import yapo
+    report = json.loads((ROOT / "benchmarks" / "results" / "llama_cpp_roundtrip.json").read_text())
+    assert llama_cpp_roundtrip.markdown(report) in (ROOT / "benchmarks" / "README.md").read_text()
+    sae = yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"), torch.float32)
+    assert report["sae_sha256"] == local_gemma3.sae_fingerprint(sae)
+    assert len(report["summary"]) == 6 and report["prompts"] == 24
+    for row in report["summary"]:
+        run = report["runs"][row["run"]]
+        for part in llama_cpp_roundtrip.PARTS.keys() & run.keys():
+            per_prompt = run[part]
+            assert len(per_prompt["cosine"]) == report["prompts"]
+            assert close(row[f"{part} cosine"], statistics.fmean(per_prompt["cosine"]))
+            assert close(row[f"{part} top_token_agrees"], statistics.fmean(map(float, per_prompt["top_token_agrees"])))
+    kl = report["unsteered"]["kl_llama_from_yapo"]
+    assert close(report["unsteered"]["mean_kl"], statistics.fmean(kl)) and min(kl) > -1e-6   # a KL, up to rounding
+
+
 def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch):
     """sweep/convergence.md, which the README's convergence paragraph quotes, is what `sweep.py convergence` writes
     from the committed runs (all 18 there: it trains nothing and loads no model), and every run
