@@ -256,6 +256,14 @@ def holm(p_values, alpha=0.05):
     return reject
 
 
+def holm_verdicts(rows, alpha=0.05):
+    """Each row (a comparison with its "difference", "p" and "n") gets a verdict after Holm's correction across all
+    of them: 'better' or 'worse' where it rejects "no difference" at family-wise level alpha, else 'cannot tell'."""
+    for r, reject in zip(rows, holm([r["p"] for r in rows], alpha)):
+        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- JSON
 
 def write_json(path, results):

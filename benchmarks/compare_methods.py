@@ -161,9 +161,7 @@ def paired_differences(methods, kls, clusters, base="YaPO"):
                 cl = clusters if metric != "mcq_accuracy" else [c for c, p in clusters.mcq]
                 r = common.paired_interval(a[None], b[None], cl)
                 out.append(row | {k: r[k] for k in ("difference", "ci95", "p")} | {"n": len(a), "verdict": None})
-    tested = [r for r in out if r["at"].startswith("KL") and r["n"]]
-    for r, reject in zip(tested, common.holm([r["p"] for r in tested])):
-        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
+    common.holm_verdicts([r for r in out if r["at"].startswith("KL") and r["n"]])
     return out
 
 
@@ -228,9 +226,7 @@ def pool(paths, kls):
                     continue
                 r = common.paired_interval(torch.stack(got["YaPO"]), torch.stack(got[other]), clusters)
                 out.append(row | {k: r[k] for k in ("difference", "ci95", "p")} | {"n": len(clusters)})
-    tested = [r for r in out if r["n"]]
-    for r, reject in zip(tested, common.holm([r["p"] for r in tested])):
-        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
+    tested = common.holm_verdicts([r for r in out if r["n"]])
     return {"benchmark": "compare_methods_pooled", "runs": [str(p) for p in paths], "behavior": runs[0]["behavior"],
             "seeds": [r["seed"] for r in runs], "comparisons": len(tested), "correction": "Holm", "paired": out}
 

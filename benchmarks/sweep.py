@@ -273,10 +273,11 @@ def unit(path, make, budget, kind, tally):
         return None
     marker = claim(path)
     if marker is None or path.exists():                        # another call makes it, or has just made it
-        tally["made by another call"] += 1
         if marker is not None:
-            marker.unlink(missing_ok=True)
-        return json.loads(path.read_text()) if path.exists() else None
+            marker.unlink()
+        done = path.exists()
+        tally["skipped" if done else "made by another call"] += 1
+        return json.loads(path.read_text()) if done else None
     try:
         t0 = time.perf_counter()
         data = make()
@@ -482,11 +483,10 @@ def calibrated_paired_rows(behavior, runs, kls, clusters):
 
 
 def holm_verdicts(paired, alpha=0.05):
-    """Every comparison that was reached gets a verdict after Holm's correction across all of them: 'better' or
-    'worse' where it rejects "no difference" at family-wise level alpha, else 'cannot tell'."""
-    tested = [r for r in paired if r.get("p") is not None]
-    for r, reject in zip(tested, common.holm([r["p"] for r in tested], alpha)):
-        r["verdict"] = ("better" if r["difference"] > 0 else "worse") if reject else f"cannot tell at n = {r['n']}"
+    """Every comparison that was reached gets a verdict after Holm's correction across all of them
+    (common.holm_verdicts), and beside it whether its interval excludes 0 before the correction."""
+    tested = common.holm_verdicts([r for r in paired if r.get("p") is not None], alpha)
+    for r in tested:
         r["uncorrected"] = "excludes 0" if abs(r["difference"]) > r["ci95"] else "contains 0"
     return len(tested)
 

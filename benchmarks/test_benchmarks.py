@@ -493,7 +493,17 @@ def test_holm_rejects_in_order_of_p_while_p_stays_under_alpha_over_the_tests_lef
     assert common.holm([0.03, 0.03]) == [False, False] and common.holm([0.02, 0.024]) == [True, True]
 
 
-def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def committed_sae_sha256():
+    """The sha256 of the SAE committed in benchmarks/sae-gemma-3-270m-L10/, computed from its weights."""
+    import local_gemma3
+    import torch
+    import yapo
+    return local_gemma3.sae_fingerprint(yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"),
+                                                      torch.float32))
+
+
+def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeypatch, committed_sae_sha256):
     """The two tables of benchmarks/README's "Results on a pretrained model" are what `sweep.py report` writes from the
     committed units, and the committed report is that output: no figure there is typed by hand. The units were
     measured with the committed SAE, and the report's MCQ accuracy over every option order is the units' own."""
@@ -506,11 +516,7 @@ def test_readme_pretrained_tables_are_the_sweep_report(tmp_path, capsys, monkeyp
     assert written == (committed / "sweep.md").read_text()
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["missing"] == [] and data["units"] == 72
-    import local_gemma3
-    import torch
-    import yapo
-    sae = yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"), torch.float32)
-    assert data["sae_sha256"] == local_gemma3.sae_fingerprint(sae)
+    assert data["sae_sha256"] == committed_sae_sha256
     overview = written.split("## Overview\n")[1].split("\n## ")[0]
     tables = re.findall(r"(?:^\|.*\n)+", overview, re.M)
     readme = (ROOT / "benchmarks" / "README.md").read_text()
@@ -546,17 +552,13 @@ def test_readme_knowledge_table_is_the_committed_check_at_the_units_calibrated_m
             assert abs(runs[k]["drift_kl"] / float(kl) - 1) <= 0.05
 
 
-def test_readme_llama_cpp_table_is_the_committed_round_trip():
+def test_readme_llama_cpp_table_is_the_committed_round_trip(committed_sae_sha256):
     """benchmarks/README's llama.cpp table is what llama_cpp_roundtrip.py writes from results/llama_cpp_roundtrip.json,
     each row the mean of its per-prompt figures, measured with the committed SAE (llama.cpp is not needed here)."""
     import llama_cpp_roundtrip
-    import local_gemma3
-    import torch
-    import yapo
     report = json.loads((ROOT / "benchmarks" / "results" / "llama_cpp_roundtrip.json").read_text())
     assert llama_cpp_roundtrip.markdown(report) in (ROOT / "benchmarks" / "README.md").read_text()
-    sae = yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"), torch.float32)
-    assert report["sae_sha256"] == local_gemma3.sae_fingerprint(sae)
+    assert report["sae_sha256"] == committed_sae_sha256
     assert len(report["summary"]) == 6 and report["prompts"] == 24
     for row in report["summary"]:
         run = report["runs"][row["run"]]
@@ -569,10 +571,10 @@ def test_readme_llama_cpp_table_is_the_committed_round_trip():
     assert close(report["unsteered"]["mean_kl"], statistics.fmean(kl)) and min(kl) > -1e-6   # a KL, up to rounding
 
 
-def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch):
+def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, monkeypatch, committed_sae_sha256):
     """sweep/convergence.md, which the README's convergence paragraph quotes, is what `sweep.py convergence` writes
-    from the committed runs (all 18 there: it trains nothing and loads no model), and every run
-    was made with the committed SAE; the earlier SAE's summary is likewise what its own runs give."""
+    from the committed runs (all 18 there: it trains nothing and loads no model), whose SAE is the committed one (the
+    summary names the one SAE of all its runs); the earlier SAE's summary is likewise what its own runs give."""
     monkeypatch.chdir(ROOT)
     sweep = importlib.import_module("sweep")
     for name in ("sweep", "sweep_sae_23a3c121"):
@@ -582,12 +584,8 @@ def test_committed_convergence_summary_is_what_its_runs_give(tmp_path, capsys, m
         sweep.main(["convergence", "--results", str(folder)])
         assert "ran 0 units, skipped 18 that exist" in capsys.readouterr().out
         assert (folder / "convergence.md").read_text() == (committed / "convergence.md").read_text()
-    import local_gemma3
-    import torch
-    import yapo
-    sae = yapo.load_sae(str(local_gemma3.SAE_DIR), None, torch.device("cpu"), torch.float32)
     summary = json.loads((tmp_path / "sweep" / "convergence.json").read_text())
-    assert summary["sae_sha256"] == local_gemma3.sae_fingerprint(sae)
+    assert summary["sae_sha256"] == committed_sae_sha256
 
 
 if __name__ == "__main__":
